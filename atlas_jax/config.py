@@ -1,0 +1,362 @@
+"""Typed configuration: one frozen dataclass per Hydra group, plus the root.
+
+Every default lives here exactly once; YAML files only select and override. The root
+schema is registered in Hydra's ConfigStore as `train_schema` and is the first entry
+of `configs/train.yaml`'s defaults, so every group file is merged into (and checked
+against) its dataclass: an unknown key or a wrong type fails at composition.
+Cross-field rules that need more than one value live in `validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration problem; its message is one line naming the key and value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+    """Llama 3 style frequency-dependent RoPE scaling (HF `rope_scaling`); "none" = off."""
+
+    rope_type: str = "none"  # none | llama3
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters; rank 0 means full fine-tuning."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture (as in the HF config.json of the family) and numerics."""
+
+    name: str = "tiny"
+    family: str = "qwen3"  # llama | qwen2 | qwen3 — selects the checkpoint key table
+    model_name_or_path: Optional[str] = None  # HF dir or hub id; None = random init
+    tokenizer: Optional[str] = None  # None = the model's own, or the built-in one
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: Optional[int] = None  # None = hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    # Not Optional: a nested frozen node created by a YAML merge would be read-only.
+    rope_scaling: RopeScalingConfig = dataclasses.field(default_factory=RopeScalingConfig)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # q/k/v projection biases (Qwen2, Qwen2.5)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = True
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    load_in_4bit: bool = False
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where examples come from and how they become token batches."""
+
+    name: str = "synthetic_math_sft"
+    kind: str = "sft"  # sft | rl
+    dataset_id_or_path: str = "synthetic_math"  # built-in, HF hub id, or local file
+    data_files: Optional[str] = None  # file inside a hub dataset, e.g. training/sft.jsonl
+    split: str = "train"
+    format: str = "teaching"  # teaching | prompt_completion (SFT)
+    problem_field: str = "problem_text"
+    approach_field: str = "student_approach"
+    diagnosis_field: str = "teacher_diagnosis"
+    teaching_field: str = "teacher_teaching"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    answer_field: str = "ground_truth"
+    system_prompt: Optional[str] = None  # None = the built-in adaptive-teaching prompt
+    completion_only_loss: bool = True
+    num_synthetic_examples: int = 2000
+    max_length: int = 2048
+    truncation: str = "truncate"  # truncate | drop
+    packing: bool = False
+    pad_to_multiple_of: int = 64
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    eval_split_ratio: float = 0.05
+    shuffle: bool = True
+    max_bad_fraction: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """Optimisation, logging and checkpointing; GRPO fields are ignored by SFT."""
+
+    name: str = "sft"
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1.0
+    learning_rate: float = 1e-5
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    eval_steps: int = 500
+    save_final_model: bool = False
+    report_to: tuple[str, ...] = ("tensorboard",)
+    peak_flops_per_device: Optional[float] = None  # None = table lookup (CPU: unknown)
+    offload: str = "none"  # none | optimizer | optimizer_and_frozen
+    # GRPO / RCL
+    num_generations: int = 8
+    beta: float = 0.04
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None  # None = epsilon
+    loss_type: str = "grpo"
+    scale_rewards: str = "group"
+    num_iterations: int = 1
+    mask_truncated_completions: bool = False
+    student_model: Optional[str] = None  # model preset name or HF path; None = reference teacher
+    max_prompt_length: int = 512
+    max_completion_length: int = 256
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.9
+    ref_model_sync_steps: int = 64
+    generation_aggregation_steps: int = 1
+    save_completions_probability: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Reward selection, its weights, and the RCL prompt templates."""
+
+    name: str = "adaptive_teaching"
+    efficiency_weight: float = 1.0
+    baseline_threshold: float = 0.5
+    degradation_penalty_multiplier: float = 2.0
+    max_probe_tokens: int = 500
+    probe_template: str = ""
+    teacher_template: str = ""
+    student_with_teaching_template: str = ""
+    student_baseline_template: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device layout. -1 on one axis means all remaining devices."""
+
+    name: str = "auto"
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    platform: str = "any"  # the accelerator the preset is written for: any | cpu | gpu | tpu
+    num_processes: int = 1  # hosts the preset expects
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+    """Global batch (never depends on devices) and the per-shard micro-batch."""
+
+    name: str = "default"
+    global_batch_size: int = 8  # sequences (SFT) or completions (RL) per optimizer step
+    micro_batch_size: int = 1  # per data-parallel shard, per accumulation step
+    eval_batch_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host runtime; left empty, SLURM/TPU environments are detected."""
+
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    initialization_timeout: int = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The root: one run."""
+
+    run: Optional[str] = None  # set by +run=NAME
+    output_dir: str = "results/${run}"
+    seed: int = 0
+    resume_from: Optional[str] = None
+    checkpoint: Optional[str] = None
+    checkpoint_step: Optional[int] = None
+    export_dir: Optional[str] = None
+    dry_run: bool = False
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+
+RUNS = ("teacher_sft", "teacher_rcl", "grpo", "evaluate", "export", "quickstart")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "minimal", "save_dots", "full")
+SCHEDULES = ("constant", "cosine", "linear")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+OFFLOAD = ("none", "optimizer", "optimizer_and_frozen")
+
+_GROUPS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "reward": RewardConfig,
+    "mesh": MeshConfig,
+    "batch": BatchConfig,
+}
+
+
+def _writable(node: DictConfig) -> DictConfig:
+    # Frozen dataclasses become read-only OmegaConf nodes, which Hydra could not merge
+    # group files into. The freeze is restored when `to_config` builds the dataclasses.
+    node._set_flag("readonly", None)
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _writable(child)
+    return node
+
+
+def register() -> None:
+    """Registers the schemas in Hydra's ConfigStore (idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=_writable(OmegaConf.structured(TrainConfig)))
+    for group, schema in _GROUPS.items():
+        store.store(group=f"schema/{group}", name=group, node=_writable(OmegaConf.structured(schema)))
+
+
+register()
+
+
+def to_config(raw: DictConfig) -> TrainConfig:
+    """Composed Hydra config -> validated, frozen TrainConfig."""
+    cfg = OmegaConf.to_object(raw)
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"config root is {type(cfg).__name__}, expected TrainConfig (is 'train_schema' first in defaults?)")
+    validate(cfg)
+    return cfg
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks that need no devices; raises ConfigError (one line)."""
+    if cfg.run is None:
+        raise ConfigError(f"no run selected: add +run=NAME with NAME one of {', '.join(RUNS)}")
+    _choice("run", cfg.run, RUNS)
+    m, t, d, b, r = cfg.model, cfg.trainer, cfg.data, cfg.batch, cfg.reward
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.param_dtype", m.param_dtype, DTYPES)
+    _choice("model.remat", m.remat, REMAT_POLICIES)
+    _choice("model.family", m.family, ("llama", "qwen2", "qwen3"))
+    _choice("model.rope_scaling.rope_type", m.rope_scaling.rope_type, ("none", "llama3"))
+    if m.num_attention_heads % m.num_key_value_heads:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not a multiple of "
+            f"model.num_key_value_heads={m.num_key_value_heads}"
+        )
+    _positive("model.lora.rank", m.lora.rank, allow_zero=True)
+    if m.load_in_4bit and m.lora.rank == 0:
+        raise ConfigError("model.load_in_4bit=true needs adapters to train: set model.lora.rank > 0")
+    _choice("data.kind", d.kind, ("sft", "rl"))
+    _choice("data.truncation", d.truncation, ("truncate", "drop"))
+    _positive("data.max_length", d.max_length)
+    _positive("data.pad_to_multiple_of", d.pad_to_multiple_of)
+    if not 0.0 <= d.eval_split_ratio < 1.0:
+        raise ConfigError(f"data.eval_split_ratio={d.eval_split_ratio} must be in [0, 1)")
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
+    _choice("trainer.lr_scheduler_type", t.lr_scheduler_type, SCHEDULES)
+    _choice("trainer.loss_type", t.loss_type, LOSS_TYPES)
+    _choice("trainer.scale_rewards", t.scale_rewards, SCALE_REWARDS)
+    _choice("trainer.offload", t.offload, OFFLOAD)
+    _positive("trainer.learning_rate", t.learning_rate, allow_zero=True)
+    if not 0.0 <= t.warmup_ratio <= 1.0:
+        raise ConfigError(f"trainer.warmup_ratio={t.warmup_ratio} must be in [0, 1]")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        raise ConfigError("trainer.max_steps and trainer.num_train_epochs are both <= 0: set one of them")
+    for key in ("logging_steps", "save_steps", "eval_steps", "num_generations", "num_iterations",
+                "ref_model_sync_steps", "generation_aggregation_steps",
+                "max_prompt_length", "max_completion_length"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    _positive("trainer.temperature", t.temperature, allow_zero=True)
+    if not 0.0 <= t.ref_model_mixup_alpha <= 1.0:
+        raise ConfigError(f"trainer.ref_model_mixup_alpha={t.ref_model_mixup_alpha} must be in [0, 1]")
+    _positive("batch.global_batch_size", b.global_batch_size)
+    _positive("batch.micro_batch_size", b.micro_batch_size)
+    _positive("batch.eval_batch_size", b.eval_batch_size)
+    if cfg.run in ("teacher_rcl", "grpo") and b.global_batch_size % t.num_generations:
+        raise ConfigError(
+            f"batch.global_batch_size={b.global_batch_size} (completions per step) is not a "
+            f"multiple of trainer.num_generations={t.num_generations}"
+        )
+    _positive("reward.max_probe_tokens", r.max_probe_tokens)
+    _positive("reward.degradation_penalty_multiplier", r.degradation_penalty_multiplier, allow_zero=True)
+    axes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "mesh.tensor": cfg.mesh.tensor}
+    if sum(v == -1 for v in axes.values()) > 1:
+        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    for key, value in axes.items():
+        if value == 0 or value < -1:
+            raise ConfigError(f"{key}={value} must be a positive device count or -1 (all remaining)")
+    _choice("mesh.platform", cfg.mesh.platform, ("any", "cpu", "gpu", "tpu"))
+    if cfg.run in ("evaluate", "export") and not cfg.checkpoint:
+        raise ConfigError(f"+run={cfg.run} needs checkpoint=DIR (a run's checkpoints directory)")
+    if cfg.run == "export" and not cfg.export_dir:
+        raise ConfigError("+run=export needs export_dir=DIR (where the Hugging Face model is written)")
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, data_parallel: int) -> int:
+    """global = micro x data-parallel ways x accumulation; raises when it does not divide."""
+    per_step = micro_batch * data_parallel
+    if global_batch % per_step:
+        raise ConfigError(
+            f"batch.global_batch_size={global_batch} is not divisible by "
+            f"batch.micro_batch_size={micro_batch} x data-parallel ways={data_parallel} (= {per_step})"
+        )
+    return global_batch // per_step
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

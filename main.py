@@ -1,0 +1,56 @@
+"""atlas_jax entry point: compose the Hydra config, validate, build the mesh, run.
+
+    python main.py +run=quickstart
+    python main.py +run=teacher_rcl mesh=8gpu
+    python main.py +run=teacher_rcl --cfg job        # print the composed config only
+    python main.py +run=teacher_rcl dry_run=true     # print the plan only
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from atlas_jax import config as config_lib
+from atlas_jax.errors import one_line
+
+log = logging.getLogger("atlas_jax")
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def _main(raw: DictConfig) -> None:
+    cfg = config_lib.to_config(raw)
+    # jax is imported only now: `--cfg job` and config errors stay instant.
+    from atlas_jax import parallel, plan, recipes
+
+    parallel.initialize_distributed(cfg.distributed)
+    mesh = parallel.make_mesh(cfg.mesh)
+    run_plan = plan.make_plan(cfg, mesh)
+    print(run_plan.render(), flush=True)
+    if cfg.dry_run:
+        return
+    recipes.run(cfg, mesh)
+
+
+def main() -> int:
+    # Hydra re-raises instead of printing its multi-line report; we print one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except Exception as error:  # noqa: BLE001 - config/usage errors become one line
+        message = one_line(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
