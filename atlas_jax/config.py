@@ -158,15 +158,16 @@ class TrainerConfig:
 class RewardConfig:
     """Reward selection, its weights, and the RCL prompt templates."""
 
-    name: str = "adaptive_teaching"
-    efficiency_weight: float = 1.0
-    baseline_threshold: float = 0.5
-    degradation_penalty_multiplier: float = 2.0
-    max_probe_tokens: int = 500
-    probe_template: str = ""
-    teacher_template: str = ""
-    student_with_teaching_template: str = ""
-    student_baseline_template: str = ""
+    name: str = "adaptive_teaching"  # a name registered in atlas_jax.rl.rewards
+    efficiency_weight: float = 1.0  # w: weight of the short-guidance bonus 100 / (100 + tokens)
+    baseline_threshold: float = 0.5  # tau: accuracy with guidance needed for a positive reward
+    degradation_penalty_multiplier: float = 2.0  # m: penalty per unit of accuracy lost
+    max_probe_tokens: int = 500  # budget of the student's diagnostic of its approach
+    # str.format templates, text in configs/reward/*.yaml; placeholders in braces.
+    probe_template: str = ""  # {problem}
+    teacher_template: str = ""  # {problem} {approach}; guidance inside <teaching></teaching>
+    student_with_teaching_template: str = ""  # {problem} {teaching}; answer in \boxed{}
+    student_baseline_template: str = ""  # {problem}; answer in \boxed{}
 
 
 @dataclasses.dataclass(frozen=True)
