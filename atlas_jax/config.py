@@ -84,7 +84,11 @@ class DataConfig:
     kind: str = "sft"  # sft | rl
     dataset_id_or_path: str = "synthetic_math"  # built-in, HF hub id, or local file
     data_files: Optional[str] = None  # file inside a hub dataset, e.g. training/sft.jsonl
+    dataset_config: Optional[str] = None  # hub config name, e.g. "main" for openai/gsm8k
     split: str = "train"
+    eval_split: Optional[str] = None  # a named source split for eval; None = carve eval_split_ratio
+    split_seed: int = 0  # the train/eval carve; apart from the run seed so eval stays fixed
+    synthetic_seed: int = 0  # which synthetic problems (the built-in source only)
     format: str = "teaching"  # teaching | prompt_completion (SFT)
     problem_field: str = "problem_text"
     approach_field: str = "student_approach"
@@ -93,12 +97,15 @@ class DataConfig:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     answer_field: str = "ground_truth"
-    system_prompt: Optional[str] = None  # None = the built-in adaptive-teaching prompt
+    answer_format: str = "plain"  # plain | gsm8k (final number after '####')
+    system_prompt: Optional[str] = None  # teaching: None = the built-in prompt; prompt_completion: None = none
     completion_only_loss: bool = True
     num_synthetic_examples: int = 2000
     max_length: int = 2048
     truncation: str = "truncate"  # truncate | drop
     packing: bool = False
+    packing_strategy: str = "first_fit"  # first_fit | best_fit
+    packing_bins: int = 16  # rows packed at once; more bins = less padding, more cross-epoch mixing
     pad_to_multiple_of: int = 64
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
@@ -305,6 +312,14 @@ def validate(cfg: TrainConfig) -> None:
     _choice("data.truncation", d.truncation, ("truncate", "drop"))
     _positive("data.max_length", d.max_length)
     _positive("data.pad_to_multiple_of", d.pad_to_multiple_of)
+    _choice("data.format", d.format, ("teaching", "prompt_completion"))
+    _choice("data.answer_format", d.answer_format, ("plain", "gsm8k"))
+    _choice("data.packing_strategy", d.packing_strategy, ("first_fit", "best_fit"))
+    _positive("data.packing_bins", d.packing_bins)
+    _positive("data.num_synthetic_examples", d.num_synthetic_examples)
+    for key in ("max_train_samples", "max_eval_samples"):
+        if getattr(d, key) is not None:
+            _positive(f"data.{key}", getattr(d, key))
     if not 0.0 <= d.eval_split_ratio < 1.0:
         raise ConfigError(f"data.eval_split_ratio={d.eval_split_ratio} must be in [0, 1)")
     if not 0.0 <= d.max_bad_fraction <= 1.0:
