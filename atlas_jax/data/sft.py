@@ -15,12 +15,12 @@ from typing import Optional
 
 import grain
 import grain.experimental as grain_exp
-import jax
 import numpy as np
 
 from atlas_jax.config import DataConfig
 from atlas_jax.data import batch as batch_lib
 from atlas_jax.data import formatting, sources
+from atlas_jax.data.shards import example_dataset, local_batch_size, process_share
 from atlas_jax.data.batch import Batch
 
 log = logging.getLogger(__name__)
@@ -85,31 +85,6 @@ def sft_num_examples(cfg: DataConfig, tokenizer, *, split: str) -> int:
     return len(prepare(cfg, tokenizer, split))
 
 
-def _process_share(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    if not 0 <= index < count:
-        raise ValueError(f"process_index={index} is outside [0, process_count={count})")
-    return index, count
-
-
-def local_batch_size(batch_size: int, process_count: int) -> int:
-    if batch_size % process_count:
-        raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
-    return batch_size // process_count
-
-
-def example_dataset(
-    num_examples: int, *, shuffle: bool, seed: int, num_epochs: Optional[int], process_index: int, process_count: int
-) -> grain.MapDataset:
-    """Indices of this process's share (every process_count-th example), shuffled per epoch."""
-    ds = grain.MapDataset.range(num_examples)[process_index::process_count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    # repeat() reseeds the shuffle each epoch, so epochs differ but stay reproducible.
-    return ds.repeat(num_epochs)
-
-
 def _pack_row(packed: dict) -> Batch:
     return Batch(
         tokens=packed[_TOKENS][None].astype(np.int32),
@@ -139,7 +114,7 @@ def sft_batches(
     examples = prepare(cfg, tokenizer, split)
     if not len(examples):
         raise sources.DataError(f"data {cfg.name}/{split}: no examples left from {examples.report.origin}")
-    index, count = _process_share(process_index, process_count)
+    index, count = process_share(process_index, process_count)
     rows_per_batch = local_batch_size(batch_size, count)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     length = row_length(cfg)

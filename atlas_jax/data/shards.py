@@ -1,0 +1,37 @@
+"""Which examples a process reads, in which order, and how many rows it batches.
+
+Process p of P takes every P-th example (p, p+P, ...): shares are disjoint, cover the
+split, and differ in size by at most one. The order is a seeded per-epoch shuffle.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import grain
+import jax
+
+
+def process_share(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index={index} is outside [0, process_count={count})")
+    return index, count
+
+
+def local_batch_size(batch_size: int, process_count: int) -> int:
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
+    return batch_size // process_count
+
+
+def example_dataset(
+    num_examples: int, *, shuffle: bool, seed: int, num_epochs: Optional[int], process_index: int, process_count: int
+) -> grain.MapDataset:
+    """Indices of this process's share (every process_count-th example), shuffled per epoch."""
+    ds = grain.MapDataset.range(num_examples)[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    # repeat() reseeds the shuffle each epoch, so epochs differ but stay reproducible.
+    return ds.repeat(num_epochs)
