@@ -71,7 +71,7 @@ def _two_step(r: random.Random, name: str, item: str) -> Problem:
 
 
 def _multiply(r: random.Random, name: str, item: str) -> Problem:
-    boxes, per_box, loose = r.randint(2, 9), r.randint(2, 12), r.randint(1, 9)
+    boxes, per_box, loose = r.randint(2, 9), r.randint(3, 12), r.randint(1, 9)  # 2 x 2 = 2 + 2
     inside = boxes * per_box
     return Problem(
         f"{name} has {boxes} boxes with {per_box} {item} in each box and {loose} loose {item}. "
