@@ -23,7 +23,20 @@ log = logging.getLogger("atlas_jax")
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def _main(raw: DictConfig) -> None:
-    cfg = config_lib.to_config(raw)
+    # Hydra sets the root logger to INFO; JAX's backend probing is noise at that level.
+    logging.getLogger("jax").setLevel(logging.WARNING)
+    try:
+        _run(config_lib.to_config(raw))
+    except Exception as error:  # noqa: BLE001
+        message = one_line(error)
+        if message is None:
+            raise
+        # Exiting here, not in main(): Hydra would log the failed job over several lines.
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(cfg: config_lib.TrainConfig) -> None:
     # jax is imported only now: `--cfg job` and config errors stay instant.
     from atlas_jax import parallel, plan, recipes
 

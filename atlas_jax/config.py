@@ -195,7 +195,7 @@ class BatchConfig:
 
     name: str = "default"
     global_batch_size: int = 8  # sequences (SFT) or completions (RL) per optimizer step
-    micro_batch_size: int = 1  # per data-parallel shard, per accumulation step
+    micro_batch_size: int = 1  # per data-parallel shard per accumulation step; -1 = no accumulation
     eval_batch_size: int = 8
 
 
@@ -341,7 +341,8 @@ def validate(cfg: TrainConfig) -> None:
     if not 0.0 <= t.ref_model_mixup_alpha <= 1.0:
         raise ConfigError(f"trainer.ref_model_mixup_alpha={t.ref_model_mixup_alpha} must be in [0, 1]")
     _positive("batch.global_batch_size", b.global_batch_size)
-    _positive("batch.micro_batch_size", b.micro_batch_size)
+    if b.micro_batch_size != -1:
+        _positive("batch.micro_batch_size", b.micro_batch_size)
     _positive("batch.eval_batch_size", b.eval_batch_size)
     if cfg.run in ("teacher_rcl", "grpo") and b.global_batch_size % t.num_generations:
         raise ConfigError(
@@ -364,7 +365,12 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, data_parallel: int) -> int:
-    """global = micro x data-parallel ways x accumulation; raises when it does not divide."""
+    """global = micro x data-parallel ways x accumulation; raises when it does not divide.
+
+    micro_batch -1 means the whole per-shard batch in one micro-step (accumulation 1).
+    """
+    if micro_batch == -1:
+        micro_batch = max(global_batch // data_parallel, 1)
     per_step = micro_batch * data_parallel
     if global_batch % per_step:
         raise ConfigError(

@@ -94,13 +94,14 @@ def make_plan(cfg: TrainConfig, mesh: Mesh) -> Plan:
     m, b = cfg.model, cfg.batch
     dp = data_parallel_size(mesh)
     accum = accumulation_steps(b.global_batch_size, b.micro_batch_size, dp)
+    micro = b.global_batch_size // (dp * accum)
     model_shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
     n = param_count(m)
     p_bytes = _BYTES[m.param_dtype]
     rl = cfg.run in _RL_RUNS
     seq = (cfg.trainer.max_prompt_length + cfg.trainer.max_completion_length) if rl else cfg.data.max_length
     saved, working = _activation_elements_per_token(m, mesh.shape["tensor"])
-    tokens = b.micro_batch_size * seq
+    tokens = micro * seq
     act_bytes = _BYTES[m.dtype]
     logits = tokens * m.vocab_size / mesh.shape["tensor"] * 4 * 2  # fp32 logits and their grad
     activations = tokens * act_bytes * (m.num_hidden_layers * saved + working) + logits
@@ -110,7 +111,7 @@ def make_plan(cfg: TrainConfig, mesh: Mesh) -> Plan:
         mesh_shape=dict(mesh.shape),
         processes=jax.process_count(),
         global_batch=b.global_batch_size,
-        micro_batch=b.micro_batch_size,
+        micro_batch=micro,
         data_parallel=dp,
         accumulation=accum,
         seq_len=seq,

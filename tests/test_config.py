@@ -42,7 +42,8 @@ def test_every_run_on_every_mesh_composes_and_divides(run, mesh):
     shape = mesh_shape(cfg.mesh, DEVICES[mesh])
     dp = shape["data"] * shape["fsdp"]
     accum = accumulation_steps(cfg.batch.global_batch_size, cfg.batch.micro_batch_size, dp)
-    assert accum * cfg.batch.micro_batch_size * dp == cfg.batch.global_batch_size
+    micro = cfg.batch.micro_batch_size if cfg.batch.micro_batch_size > 0 else cfg.batch.global_batch_size // dp
+    assert accum * micro * dp == cfg.batch.global_batch_size
 
 
 @pytest.mark.parametrize("mesh", [m for m in MESHES if DEVICES[m] <= 8])
