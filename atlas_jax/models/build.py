@@ -1,0 +1,76 @@
+"""Random initialisation straight onto shardings, parameter shardings, parameter count."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from atlas_jax import parallel
+from atlas_jax.config import ModelConfig
+from atlas_jax.models.decoder import Decoder
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def spec_for(mesh: Mesh, logical_axes, shape) -> P:
+    """Logical names -> PartitionSpec; a dim the mesh axes do not divide stays replicated
+    (e.g. 2 kv heads on tensor=4), so any checkpoint loads on any mesh."""
+    spec = parallel.logical_to_spec(logical_axes)
+    axes = []
+    for dim, axis in zip(shape, spec):
+        names = (axis,) if isinstance(axis, str) else (axis or ())
+        ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        axes.append(axis if ways > 1 and dim % ways == 0 else None)
+    return P(*axes)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    axes = var.get_metadata("out_sharding", None) or (None,) * var.ndim
+    return NamedSharding(mesh, spec_for(mesh, axes, var.shape))
+
+
+def param_shardings(model_or_state, mesh: Mesh):
+    """NamedShardings for a model's (or a split state's) variables, same tree structure.
+
+    Works on `nnx.split(model, nnx.Param)[1]` and on abstract (eval_shape) states, so the
+    result can be passed to `jax.jit(in_shardings=..., out_shardings=...)` directly.
+    """
+    state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+    return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh)), state, is_leaf=_is_var)
+
+
+def init_model(cfg: ModelConfig, *, mesh: Optional[Mesh] = None, seed: int = 0) -> Decoder:
+    """Random init from `seed`; with a mesh every parameter is created on its sharding."""
+    def make():
+        return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+    abstract = nnx.eval_shape(make)
+    graphdef, abstract_state = nnx.split(abstract)
+    if mesh is None:
+        device = jax.devices()[0]
+        shardings = jax.tree.map(lambda v: v.replace(jax.sharding.SingleDeviceSharding(device)),
+                                 abstract_state, is_leaf=_is_var)
+    else:
+        shardings = param_shardings(abstract_state, mesh)
+    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Parameters of the architecture, counted from the config (tied embeddings once)."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
+    attn = D * N * H + 2 * D * K * H + N * H * D
+    if cfg.attention_bias:
+        attn += N * H + 2 * K * H
+    if cfg.qk_norm:
+        attn += 2 * H
+    layer = attn + 3 * D * F + 2 * D
+    head = 0 if cfg.tie_word_embeddings else D * V
+    return V * D + cfg.num_hidden_layers * layer + D + head
