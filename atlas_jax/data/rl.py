@@ -14,7 +14,7 @@ import grain
 
 from atlas_jax.config import DataConfig
 from atlas_jax.data import sources
-from atlas_jax.data.shards import example_dataset, local_batch_size, process_share
+from atlas_jax.data.shards import READ_OPTIONS, example_dataset, local_batch_size, process_share
 
 log = logging.getLogger(__name__)
 
@@ -80,4 +80,4 @@ def rl_batches(
     # Copies, so a consumer that annotates a record cannot change later epochs.
     prompts = ids.map(lambda i: dict(records[i]))
     batches = prompts.batch(local_batch_size(batch_size, count), drop_remainder=split == "train", batch_fn=list)
-    return iter(batches.to_iter_dataset())
+    return iter(batches.to_iter_dataset(READ_OPTIONS))

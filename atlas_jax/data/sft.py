@@ -20,7 +20,7 @@ import numpy as np
 from atlas_jax.config import DataConfig
 from atlas_jax.data import batch as batch_lib
 from atlas_jax.data import formatting, sources
-from atlas_jax.data.shards import example_dataset, local_batch_size, process_share
+from atlas_jax.data.shards import READ_OPTIONS, example_dataset, local_batch_size, process_share
 from atlas_jax.data.batch import Batch
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,9 @@ def sft_batches(
         rows = ids.map(
             lambda i: batch_lib.single_example_row(examples.tokens[i], examples.loss_mask[i], length, pad_id)
         )
-        return iter(rows.batch(rows_per_batch, batch_fn=stack).to_iter_dataset())
-    features = ids.map(lambda i: {_TOKENS: examples.tokens[i], _MASK: examples.loss_mask[i]}).to_iter_dataset()
+        return iter(rows.batch(rows_per_batch, batch_fn=stack).to_iter_dataset(READ_OPTIONS))
+    features = ids.map(lambda i: {_TOKENS: examples.tokens[i], _MASK: examples.loss_mask[i]})
+    features = features.to_iter_dataset(READ_OPTIONS)
     packer = {"first_fit": grain_exp.FirstFitPackIterDataset, "best_fit": grain_exp.BestFitPackIterDataset}[
         cfg.packing_strategy
     ]

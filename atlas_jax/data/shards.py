@@ -11,6 +11,11 @@ from typing import Optional
 import grain
 import jax
 
+# Elements are slices of in-memory lists, so reader threads only add overhead: Grain's
+# default (16 threads, 500-element buffer) cost several times the packing itself in
+# bench/data.py.
+READ_OPTIONS = grain.ReadOptions(num_threads=0)
+
 
 def process_share(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
     index = jax.process_index() if process_index is None else process_index
