@@ -10,6 +10,7 @@ Cross-field rules that need more than one value live in `validate`.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -378,6 +379,26 @@ def accumulation_steps(global_batch: int, micro_batch: int, data_parallel: int) 
             f"batch.micro_batch_size={micro_batch} x data-parallel ways={data_parallel} (= {per_step})"
         )
     return global_batch // per_step
+
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def model_preset(name_or_path: str, *, numerics: ModelConfig) -> ModelConfig:
+    """A model preset by name (configs/model/NAME.yaml), or an HF directory / hub id.
+
+    Numerics (dtype, param_dtype, remat, scan) follow `numerics`, e.g. the teacher's, so a
+    student on the same mesh computes like the model it is compared with.
+    """
+    preset = CONFIG_DIR / "model" / f"{name_or_path}.yaml"
+    if preset.is_file():
+        node = OmegaConf.merge(_writable(OmegaConf.structured(ModelConfig)), OmegaConf.load(preset))
+        base = OmegaConf.to_object(node)
+    else:
+        base = dataclasses.replace(ModelConfig(), name=name_or_path, model_name_or_path=name_or_path)
+    return dataclasses.replace(base, dtype=numerics.dtype, param_dtype=numerics.param_dtype,
+                               remat=numerics.remat, scan_layers=numerics.scan_layers,
+                               lora=LoraConfig(), load_in_4bit=False)
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -15,23 +15,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from atlas_jax.config import ModelConfig, TrainConfig, accumulation_steps
+from atlas_jax.models import param_count
 from atlas_jax.parallel import MESH_AXES, data_parallel_size
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _RL_RUNS = ("teacher_rcl", "grpo")
-
-
-def param_count(m: ModelConfig) -> int:
-    """Parameters of the decoder described by `m` (embeddings counted once when tied)."""
-    H, D, F = m.resolved_head_dim, m.hidden_size, m.intermediate_size
-    N, K, L, V = m.num_attention_heads, m.num_key_value_heads, m.num_hidden_layers, m.vocab_size
-    attn = D * N * H + 2 * D * K * H + N * H * D
-    if m.attention_bias:
-        attn += N * H + 2 * K * H
-    norms = 2 * D + (2 * H if m.qk_norm else 0)
-    layer = attn + 3 * D * F + norms
-    head = 0 if m.tie_word_embeddings else V * D
-    return V * D + L * layer + D + head
 
 
 def _activation_elements_per_token(m: ModelConfig, tensor: int) -> tuple[float, float]:

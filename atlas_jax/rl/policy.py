@@ -1,0 +1,108 @@
+"""GRPO on the policy model: the loss in the train step's convention, log-prob passes for
+the reference and old policies, and the reference model's mixup.
+
+Token alignment follows SFT (`train.sft.next_token_targets`): position t predicts token
+t + 1 and carries loss_mask[t + 1], so prompt and padding positions carry no loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from atlas_jax import parallel
+from atlas_jax.config import TrainerConfig
+from atlas_jax.rl.grpo import grpo_loss, token_logprobs
+from atlas_jax.train.sft import next_token_targets
+from atlas_jax.train.state import TrainState, create_train_state
+
+CHUNK_T = 1024  # positions per logits chunk: a full [B, 8k, 152k] float32 tensor fits nowhere
+
+
+def shifted_logprobs(model, batch, temperature: float, chunk: int = CHUNK_T):
+    """(logp_BT, entropy_BT, mask_BT) of next tokens at the sampling temperature, chunked."""
+    x_BTD = model.hidden_states(batch.tokens, positions_BT=batch.positions, segment_ids_BT=batch.segment_ids)
+    targets_BT, mask_BT = next_token_targets(batch)
+    B, T, D = x_BTD.shape
+    chunk = min(chunk, T)
+    pad = -T % chunk
+    x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
+    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    C = (T + pad) // chunk
+
+    @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
+    def one_chunk(_, xs):
+        x_BcD, targets_Bc = xs
+        return None, token_logprobs(model.logits(x_BcD), targets_Bc, temperature)
+
+    xs = (x_BTD.reshape(B, C, chunk, D).swapaxes(0, 1), targets_BT.reshape(B, C, chunk).swapaxes(0, 1))
+    _, (logp_CBc, ent_CBc) = jax.lax.scan(one_chunk, None, xs)
+    unchunk = lambda a: a.swapaxes(0, 1).reshape(B, C * chunk)[:, :T]  # noqa: E731
+    return unchunk(logp_CBc), unchunk(ent_CBc), mask_BT
+
+
+def grpo_totals(batch, extras) -> dict:
+    """Global-batch normalisers: completions and loss tokens of the whole optimizer batch."""
+    del extras
+    _, mask_BT = next_token_targets(batch)
+    return {"num_sequences": jnp.float32(batch.tokens.shape[0]), "num_tokens": jnp.sum(mask_BT)}
+
+
+def make_grpo_loss(graphdef: nnx.GraphDef, trainer: TrainerConfig) -> Callable:
+    """loss_fn(params, micro_batch, extras, totals) for `train.step.make_train_step`.
+
+    extras: {"advantages": [B]} plus, when present, "old_logp" [B, T] (num_iterations > 1)
+    and "ref_logp" [B, T] (beta > 0), both aligned to next-token positions.
+    """
+    def loss_fn(params, batch, extras, totals):
+        logp_BT, entropy_BT, mask_BT = shifted_logprobs(nnx.merge(graphdef, params), batch, trainer.temperature)
+        # One update per rollout: the old policy IS the current one, so rho = 1 with the gradient
+        # of logp (REINFORCE with the group advantage).
+        old_BT = extras.get("old_logp", jax.lax.stop_gradient(logp_BT))
+        return grpo_loss(
+            logp_BT, old_BT, extras.get("ref_logp"), extras["advantages"], mask_BT,
+            beta=trainer.beta if "ref_logp" in extras else 0.0, epsilon=trainer.epsilon,
+            epsilon_high=trainer.epsilon_high, loss_type=trainer.loss_type,
+            max_completion_length=trainer.max_completion_length,
+            num_sequences=totals["num_sequences"], num_tokens=totals["num_tokens"], entropy_BT=entropy_BT)
+    return loss_fn
+
+
+def make_logprob_fn(graphdef: nnx.GraphDef, mesh: Mesh, params_shardings, temperature: float) -> Callable:
+    """Jitted (params, batch) -> logp_BT, for the reference and old-policy passes."""
+    def logprobs(params, batch):
+        return shifted_logprobs(nnx.merge(graphdef, params), batch, temperature)[0]
+
+    data = NamedSharding(mesh, P(parallel.DATA_AXES))
+    return jax.jit(logprobs, in_shardings=(params_shardings, data), out_shardings=data)
+
+
+def make_ref_mixup(params_shardings) -> Callable:
+    """Jitted (ref, policy, alpha) -> alpha * policy + (1 - alpha) * ref, written over ref."""
+    def mix(ref, policy, alpha):
+        return jax.tree.map(lambda r, p: (alpha * p + (1.0 - alpha) * r).astype(r.dtype), ref, policy)
+
+    return jax.jit(mix, in_shardings=(params_shardings, params_shardings, None),
+                   out_shardings=params_shardings, donate_argnums=0)
+
+
+@flax.struct.dataclass
+class RLState(TrainState):
+    """TrainState plus the reference policy, so checkpoints and resumes carry it too."""
+
+    ref_params: Optional[Any] = None
+
+
+def create_rl_state(params, optimizer, mesh: Mesh, *, seed: int, with_ref: bool) -> tuple[RLState, RLState]:
+    """(state, shardings); the reference starts as a copy of the initial policy."""
+    p_shardings = jax.tree.map(lambda x: x.sharding, params)
+    ref = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=p_shardings)(params) if with_ref else None
+    state, shardings = create_train_state(params, optimizer, mesh, seed=seed)
+    fields = lambda s: {f: getattr(s, f) for f in ("params", "opt_state", "step", "rng")}  # noqa: E731
+    return (RLState(**fields(state), ref_params=ref),
+            RLState(**fields(shardings), ref_params=p_shardings if with_ref else None))
