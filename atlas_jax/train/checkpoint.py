@@ -1,0 +1,158 @@
+"""Orbax checkpoints: train state + RNG + Grain iterator state (+ optional extra items).
+
+Layout: <directory>/<step>/{state, data, extra, ...}. Writes are asynchronous and atomic
+(Orbax writes into a temporary directory and renames it on commit), so a write that was
+interrupted part-way is never seen as a step. Restores go onto any mesh: the target's
+shardings decide where each array lands, whatever mesh wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from atlas_jax.config import UsageError
+
+log = logging.getLogger(__name__)
+
+STATE, DATA, EXTRA = "state", "data", "extra"
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be used; the message is one line naming the path."""
+
+
+class _IteratorSnapshot:
+    """A Grain iterator state frozen at save time (the live iterator keeps moving while an
+    async write is in flight); quacks like an iterator for Grain's Orbax handler."""
+
+    def __init__(self, state: Any = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:
+        pass
+
+
+def resolve(path: str) -> tuple[str, Optional[int]]:
+    """'<run>/checkpoints' -> (dir, None = latest); '<run>/checkpoints/300' -> (dir, 300)."""
+    path = os.path.abspath(path)
+    base = os.path.basename(path.rstrip("/"))
+    if base.isdigit() and os.path.isdir(path):
+        return os.path.dirname(path), int(base)
+    return path, None
+
+
+class Checkpointer:
+    """Saves every `save_steps` steps (and when forced), keeps the newest `max_to_keep`."""
+
+    def __init__(self, directory: str, *, save_steps: int, max_to_keep: Optional[int],
+                 async_save: bool = True, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        self.save_steps = save_steps
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep if max_to_keep and max_to_keep > 0 else None,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+        )
+        self._manager = ocp.CheckpointManager(epath.Path(self.directory), options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        return step > 0 and step % self.save_steps == 0
+
+    def save(self, step: int, state, *, data_state: Any = None, extra: Optional[dict] = None,
+             trees: Optional[dict[str, Any]] = None) -> None:
+        """Starts an async write of `state` (a pytree of jax.Arrays) at `step`.
+
+        data_state: the Grain iterator's get_state() after the step's batch (JSON-able);
+        extra: a JSON dict; trees: more pytrees saved as their own items (e.g. "ref_params").
+        """
+        items = {STATE: ocp.args.StandardSave(state)}
+        if data_state is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))
+        if extra is not None:
+            items[EXTRA] = ocp.args.JsonSave(extra)
+        for name, tree in (trees or {}).items():
+            items[name] = ocp.args.StandardSave(tree)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, abstract_state, *, step: Optional[int] = None, data: bool = True,
+                extra: bool = False, trees: Optional[dict[str, Any]] = None) -> dict:
+        """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with shardings).
+
+        Returns {"step", "state", "data_state" (or None), "extra" (when asked), **trees}.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            have = ", ".join(map(str, self.all_steps())) or "none"
+            where = f"at step {step} " if step is not None else ""
+            raise CheckpointError(f"no committed checkpoint {where}in {self.directory} (steps: {have})")
+        step_dir = os.path.join(self.directory, str(step))
+        saved = set(os.listdir(step_dir)) if os.path.isdir(step_dir) else set()
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        if data and DATA in saved:
+            items[DATA] = grain.checkpoint.CheckpointRestore(_IteratorSnapshot())
+        if extra and EXTRA in saved:
+            items[EXTRA] = ocp.args.JsonRestore()
+        for name, target in (trees or {}).items():
+            items[name] = ocp.args.StandardRestore(target)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        out = {"step": step, "state": restored[STATE],
+               "data_state": restored[DATA].state if DATA in items else None}
+        if extra:
+            out["extra"] = restored[EXTRA] if EXTRA in items else None
+        out.update({name: restored[name] for name in (trees or {})})
+        return out
+
+    def wait(self) -> None:
+        """Blocks until in-flight writes are committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def restore_params(checkpoint_dir: str, step: Optional[int], abstract_params) -> tuple[Any, int]:
+    """Params only (no optimizer state is read), onto `abstract_params`' shardings.
+
+    checkpoint_dir: a run's checkpoints directory (or one step's directory); step None =
+    latest. Returns (params, step). For evaluation and export.
+    """
+    directory, dir_step = resolve(checkpoint_dir)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    ckpt = Checkpointer(directory, save_steps=1, max_to_keep=None, async_save=False, read_only=True)
+    step = step if step is not None else dir_step
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"checkpoint directory {directory} holds no committed checkpoint")
+    target = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    try:
+        restored = ckpt._manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"checkpoint {directory}/{step} does not match this model: "
+                              f"{str(error).splitlines()[0]}") from error
+    return restored[STATE]["params"], step

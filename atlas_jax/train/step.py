@@ -1,0 +1,101 @@
+"""The generic update step: gradient accumulation over micro-batches inside one jit.
+
+Loss convention (SFT and GRPO alike):
+
+    loss_fn(params, micro_batch, micro_extras, totals) -> (loss, metric_sums)
+
+`totals = totals_fn(batch, extras)` is computed once on the WHOLE global batch before the
+micro-batch scan (e.g. {"loss_tokens": sum of the loss mask}); `loss_fn` divides by it, so
+its value is that micro-batch's share of the global-batch loss and summing the shares gives
+exactly the full-batch loss, whatever the micro-batch size, accumulation or device count.
+`metric_sums` are summed over micro-batches the same way (normalise them with `totals`
+when a mean is wanted). `extras` is any pytree whose leaves have the batch's leading dim
+(GRPO: old/ref log-probs, advantages); it is split exactly like the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from atlas_jax import parallel
+from atlas_jax.train.state import TrainState
+
+LossFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, dict]]
+TotalsFn = Callable[[Any, Any], Any]
+
+
+def loss_mask_totals(batch, extras) -> dict:
+    """Normalisers for masked token losses: loss tokens of the global batch (at least 1)."""
+    del extras
+    return {"loss_tokens": jnp.maximum(jnp.sum(batch.loss_mask.astype(jnp.float32)), 1.0)}
+
+
+def split_micro_batches(tree, accum_steps: int, mesh: Mesh):
+    """[B, ...] -> [accum, B / accum, ...], each micro-batch still spread over all data shards.
+
+    Row b goes to micro-batch b % accum: every device keeps exactly its own rows (a local
+    reshape, no communication), and each micro-batch is sharded like the global batch.
+    """
+    def split(x):
+        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1)
+        spec = P(None, parallel.DATA_AXES, *([None] * (x.ndim - 2)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.tree.map(split, tree)
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, accum_steps: int,
+                    mesh: Mesh, state_shardings: TrainState,
+                    totals_fn: TotalsFn = loss_mask_totals,
+                    schedule: Optional[optax.Schedule] = None) -> Callable:
+    """Returns `step(state, batch, extras=None) -> (state, metrics)`, jitted once.
+
+    The global batch (and extras) arrive sharded over the data axes; the state is donated.
+    metrics: every `metric_sums` key, plus loss, grad_norm, learning_rate (when `schedule`
+    is given), tokens (B x T processed) and the totals.
+    """
+    param_shardings = state_shardings.params
+
+    def step(state: TrainState, batch, extras):
+        totals = totals_fn(batch, extras)
+        micro = split_micro_batches((batch, extras), accum_steps, mesh)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def accumulate(carry, micro_batch_and_extras):
+            grads_sum, metrics_sum = carry
+            mb, mx = micro_batch_and_extras
+            (loss, metrics), grads = grad_fn(state.params, mb, mx, totals)
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            metrics = {**metrics, "loss": loss}
+            return (grads_sum, jax.tree.map(jnp.add, metrics_sum, metrics)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        metric_shapes = jax.eval_shape(lambda: {**loss_fn(state.params, *first, totals)[1], "loss": 0.0})
+        zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
+        zeros_grads = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, metrics), _ = jax.lax.scan(accumulate, (zeros_grads, zeros_metrics), micro)
+        grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, **totals, "grad_norm": optax.global_norm(grads),
+                   "tokens": jnp.float32(batch.tokens.size)}
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+        return new_state, metrics
+
+    data = NamedSharding(mesh, P(parallel.DATA_AXES))
+    jitted = jax.jit(step, in_shardings=(state_shardings, data, data),
+                     out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+    def train_step(state: TrainState, batch, extras=None):
+        return jitted(state, batch, extras)
+
+    train_step.jitted = jitted
+    return train_step
