@@ -1,0 +1,156 @@
+"""One jitted program per shape bucket: prefill left-padded prompts, then a decode loop.
+
+The decoder's own KV-cache path does the work (no second copy of the layers). Prompts are
+left-padded to a power-of-two length, the token budget and the batch are rounded up the
+same way, so calls with similar shapes reuse one compiled program; sampling settings are
+traced values and never recompile. With num_samples=G the prompts are prefilled once and
+the cache is repeated G times (rows prompt-major). Row r's random stream is
+fold_in(fold_in(key(seed), r), step): deterministic, independent per row, and the same
+whatever the batch padding or the device layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from atlas_jax import parallel
+from atlas_jax.generation.sampling import sample_tokens
+from atlas_jax.models.decoder import Decoder, KVCache
+
+TRACES = {"count": 0}  # incremented when the program is traced: tests assert no recompiles
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class GenerateOutput:
+    """tokens int32 [B*G, max_new_tokens] (pad after EOS); logprobs float32 (0 on pad);
+    lengths int32 [B*G] (tokens generated, EOS included)."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Next power of two, at least `minimum`."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _constrain(x, mesh: Optional[Mesh], spec: P):
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _cache_spec(mesh: Mesh, kv_heads: int) -> P:
+    tensor = "tensor" if kv_heads % mesh.shape["tensor"] == 0 else None
+    return P(None, parallel.DATA_AXES, None, tensor, None)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "budget", "num_samples", "sort", "mesh"))
+def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_id, seed,
+             temperature, top_k, top_p, min_p, *, budget, num_samples, sort, mesh):
+    TRACES["count"] += 1
+    model: Decoder = nnx.merge(graphdef, params)
+    cfg = model.config
+    B, T = ids_BT.shape
+    G, R = num_samples, B * num_samples
+    rows = P(parallel.DATA_AXES) if mesh is not None else None
+    cache = KVCache.empty(cfg, B, T + budget)
+    if mesh is not None:
+        spec = _cache_spec(mesh, cfg.num_key_value_heads)
+        cache = dataclasses.replace(cache, k_LBSKH=_constrain(cache.k_LBSKH, mesh, spec),
+                                    v_LBSKH=_constrain(cache.v_LBSKH, mesh, spec))
+    x_BTD, cache = model.forward_with_cache(ids_BT, cache, attention_mask_BT=mask_BT)
+    logits_BV = model.logits(x_BTD[:, -1:])[:, 0]
+
+    # G samples per prompt share one prefill: repeat its cache and last logits (prompt-major)
+    def repeat(a, axis):
+        return a if G == 1 else jnp.repeat(a, G, axis=axis)
+
+    cache = dataclasses.replace(cache, k_LBSKH=repeat(cache.k_LBSKH, 1), v_LBSKH=repeat(cache.v_LBSKH, 1),
+                                segment_ids_BS=repeat(cache.segment_ids_BS, 0))
+    logits_RV = repeat(logits_BV, 0)
+    pos_R = repeat(jnp.sum(mask_BT, axis=1).astype(jnp.int32), 0)
+    done_R = pos_R == 0  # all-padding rows (batch bucket filler) generate nothing
+    base_key = jax.random.key(seed)
+    row_keys_R = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_ids_R)
+
+    def cond(state):
+        step, _, _, _, done_R, *_ = state
+        return (step < max_new) & ~jnp.all(done_R)
+
+    def body(state):
+        step, logits_RV, cache, pos_R, done_R, tokens_RS, logps_RS, lengths_R = state
+        keys_R = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_R)
+        tok_R, logp_R = sample_tokens(keys_R, logits_RV, temperature, top_k, top_p, min_p, sort=sort)
+        tok_R = jnp.where(done_R, pad_id, tok_R)
+        logp_R = jnp.where(done_R, 0.0, logp_R)
+        tokens_RS = jax.lax.dynamic_update_index_in_dim(tokens_RS, tok_R, step, 1)
+        logps_RS = jax.lax.dynamic_update_index_in_dim(logps_RS, logp_R, step, 1)
+        lengths_R = lengths_R + (~done_R).astype(jnp.int32)
+        done_R = done_R | jnp.isin(tok_R, eos_E)
+        x_R1D, cache = model.forward_with_cache(tok_R[:, None], cache, positions_BT=pos_R[:, None],
+                                                segment_ids_BT=jnp.ones((R, 1), jnp.int32))
+        logits_RV = _constrain(model.logits(x_R1D)[:, 0], mesh, rows) if mesh is not None else model.logits(x_R1D)[:, 0]
+        return step + 1, logits_RV, cache, pos_R + 1, done_R, tokens_RS, logps_RS, lengths_R
+
+    state = (jnp.zeros((), jnp.int32), logits_RV, cache, pos_R, done_R,
+             jnp.full((R, budget), pad_id, jnp.int32), jnp.zeros((R, budget), jnp.float32),
+             jnp.zeros((R,), jnp.int32))
+    _, _, _, _, _, tokens_RS, logps_RS, lengths_R = jax.lax.while_loop(cond, body, state)
+    return GenerateOutput(tokens_RS, logps_RS, lengths_R)
+
+
+def _mesh_of(params) -> Optional[Mesh]:
+    leaf = jax.tree.leaves(params)[0]
+    sharding = getattr(leaf, "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+             eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: int = 0, seed: int = 0,
+             num_samples: int = 1, mesh: Optional[Mesh] = None) -> GenerateOutput:
+    """Continues left-padded prompts [B, T]; see GenerateOutput. temperature=0 is greedy.
+
+    Rows are prompt-major: prompt i's samples are rows i*G .. i*G+G-1. `.logprobs` are under
+    the distribution sampled from (see atlas_jax.generation.sampling). With a mesh (or a
+    model whose params are sharded) rows split over the data axes and weights keep their
+    sharding; the outputs are global arrays.
+    """
+    ids = np.asarray(input_ids, np.int32)
+    mask = np.asarray(attention_mask, np.int32)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be [B, T]")
+    if max_new_tokens < 1 or num_samples < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} and num_samples={num_samples} must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or not 0 <= min_p <= 1:
+        raise ValueError(f"bad sampling settings: temperature={temperature} top_p={top_p} top_k={top_k} min_p={min_p}")
+    graphdef, params = nnx.split(model)
+    mesh = mesh or _mesh_of(params)
+    B, T = ids.shape
+    dp = 1 if mesh is None else parallel.data_parallel_size(mesh)
+    Bb = -(-bucket(B, 1) // dp) * dp
+    Tb, budget = bucket(T), bucket(max_new_tokens)
+    # left-pad to the length bucket, add all-padding filler rows to the batch bucket
+    ids_p = np.full((Bb, Tb), pad_token_id, np.int32)
+    mask_p = np.zeros((Bb, Tb), np.int32)
+    ids_p[:B, Tb - T:], mask_p[:B, Tb - T:] = ids, mask
+    row_ids = np.arange(Bb * num_samples, dtype=np.int32)
+    eos = np.asarray([-1] if eos_token_id is None else np.atleast_1d(eos_token_id), np.int32)
+    if mesh is not None:
+        ids_p, mask_p = (jax.device_put(a, parallel.batch_sharding(mesh)) for a in (ids_p, mask_p))
+        row_ids = jax.device_put(row_ids, parallel.batch_sharding(mesh, 1))
+    out = _program(graphdef, params, ids_p, mask_p, row_ids, jnp.int32(max_new_tokens), eos,
+                   jnp.int32(pad_token_id), jnp.uint32(seed), jnp.float32(temperature), jnp.int32(top_k),
+                   jnp.float32(top_p), jnp.float32(min_p), budget=budget, num_samples=num_samples,
+                   sort=bool(top_k > 0 or top_p < 1.0), mesh=mesh)
+    R = B * num_samples
+    return GenerateOutput(out.tokens[:R, :max_new_tokens], out.logprobs[:R, :max_new_tokens], out.lengths[:R])
