@@ -14,7 +14,7 @@ import grain
 
 from atlas_jax.config import DataConfig
 from atlas_jax.data import sources
-from atlas_jax.data.shards import READ_OPTIONS, example_dataset, local_batch_size, process_share
+from atlas_jax.data.shards import EMPTY, READ_OPTIONS, example_dataset, local_batch_size, process_share
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def rl_batches(
     """Grain iterator of lists of batch_size // process_count prompt records.
 
     Training (split "train") drops a short final batch so every step has the same number
-    of prompts; evaluation keeps it so every prompt is scored once per epoch.
+    of prompts; evaluation keeps it so every prompt is scored once per epoch. With finite
+    epochs all processes yield the same number of batches (shares are filled up evenly).
     """
     records, report = prepare(cfg, split)
     if not records:
@@ -77,7 +78,13 @@ def rl_batches(
     ids = example_dataset(
         len(records), shuffle=cfg.shuffle, seed=seed, num_epochs=num_epochs, process_index=index, process_count=count
     )
-    # Copies, so a consumer that annotates a record cannot change later epochs.
-    prompts = ids.map(lambda i: dict(records[i]))
-    batches = prompts.batch(local_batch_size(batch_size, count), drop_remainder=split == "train", batch_fn=list)
+    # Copies, so a consumer that annotates a record cannot change later epochs. EMPTY
+    # slots (finite epochs, several processes) leave a batch one prompt short instead of
+    # leaving a process one batch short.
+    prompts = ids.map(lambda i: None if i == EMPTY else dict(records[i]))
+    batches = prompts.batch(
+        local_batch_size(batch_size, count),
+        drop_remainder=split == "train",
+        batch_fn=lambda recs: [r for r in recs if r is not None],
+    )
     return iter(batches.to_iter_dataset(READ_OPTIONS))

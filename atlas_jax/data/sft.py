@@ -20,7 +20,7 @@ import numpy as np
 from atlas_jax.config import DataConfig
 from atlas_jax.data import batch as batch_lib
 from atlas_jax.data import formatting, sources
-from atlas_jax.data.shards import READ_OPTIONS, example_dataset, local_batch_size, process_share
+from atlas_jax.data.shards import EMPTY, READ_OPTIONS, example_dataset, local_batch_size, process_share
 from atlas_jax.data.batch import Batch
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,15 @@ def sft_batches(
     )
     stack = functools.partial(batch_lib.stack, num_rows=rows_per_batch, length=length, pad_id=pad_id)
     if not cfg.packing:
+        # An EMPTY slot (finite epochs, several processes) becomes an all-padding row.
         rows = ids.map(
-            lambda i: batch_lib.single_example_row(examples.tokens[i], examples.loss_mask[i], length, pad_id)
+            lambda i: batch_lib.empty_rows(1, length, pad_id) if i == EMPTY
+            else batch_lib.single_example_row(examples.tokens[i], examples.loss_mask[i], length, pad_id)
         )
         return iter(rows.batch(rows_per_batch, batch_fn=stack).to_iter_dataset(READ_OPTIONS))
-    features = ids.map(lambda i: {_TOKENS: examples.tokens[i], _MASK: examples.loss_mask[i]})
-    features = features.to_iter_dataset(READ_OPTIONS)
+    # Packed rows per process differ with the data anyway, so EMPTY slots are just skipped.
+    features = ids.to_iter_dataset(READ_OPTIONS).filter(lambda i: i != EMPTY)
+    features = features.map(lambda i: {_TOKENS: examples.tokens[i], _MASK: examples.loss_mask[i]})
     packer = {"first_fit": grain_exp.FirstFitPackIterDataset, "best_fit": grain_exp.BestFitPackIterDataset}[
         cfg.packing_strategy
     ]

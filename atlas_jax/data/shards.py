@@ -31,11 +31,23 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
     return batch_size // process_count
 
 
+# Index of a slot that holds no example; see `example_dataset`.
+EMPTY = -1
+
+
 def example_dataset(
     num_examples: int, *, shuffle: bool, seed: int, num_epochs: Optional[int], process_index: int, process_count: int
 ) -> grain.MapDataset:
-    """Indices of this process's share (every process_count-th example), shuffled per epoch."""
-    ds = grain.MapDataset.range(num_examples)[process_index::process_count]
+    """Indices of this process's share (every process_count-th example), shuffled per epoch.
+
+    With a finite number of epochs every share is filled up to ceil(N / P) slots with
+    EMPTY, so all processes yield the same number of batches and none waits forever in a
+    collective for a peer that already stopped. Repeating forever needs no filler.
+    """
+    slots = num_examples if num_epochs is None else -(-num_examples // process_count) * process_count
+    ds = grain.MapDataset.range(slots)[process_index::process_count]
+    if slots > num_examples:
+        ds = ds.map(lambda i: i if i < num_examples else EMPTY)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     # repeat() reseeds the shuffle each epoch, so epochs differ but stay reproducible.

@@ -46,14 +46,15 @@ def test_resume_and_determinism(rl_cfg):
     assert epoch1 != epoch0[: len(epoch1)], "every epoch should be reshuffled"
 
 
-def test_process_shares_are_disjoint_and_cover(rl_cfg):
-    shares = [
-        [r["prompt"] for b in rl_batches(rl_cfg, split="eval", batch_size=2, seed=0, num_epochs=1,
-                                         process_index=p, process_count=2) for r in b]
-        for p in range(2)
+def test_process_shares_are_disjoint_cover_and_end_together(rl_cfg):
+    batches = [
+        list(rl_batches(rl_cfg, split="eval", batch_size=3, seed=0, num_epochs=1, process_index=p, process_count=3))
+        for p in range(3)
     ]
-    assert not set(shares[0]) & set(shares[1])
-    assert sorted(shares[0] + shares[1]) == sorted(r["prompt"] for r in prepare(rl_cfg, "eval")[0])
+    assert [len(b) for b in batches] == [4, 4, 4]  # 10 prompts: shares of 4, 3, 3
+    shares = [[r["prompt"] for batch in per_process for r in batch] for per_process in batches]
+    assert sum(len(s) for s in shares) == len(set().union(*shares)) == 10
+    assert set().union(*shares) == {r["prompt"] for r in prepare(rl_cfg, "eval")[0]}
 
 
 @pytest.mark.parametrize(
