@@ -78,3 +78,13 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, params_shardings) -> Call
 
     data = NamedSharding(mesh, P(parallel.DATA_AXES))
     return jax.jit(eval_step, in_shardings=(params_shardings, data), out_shardings=parallel.replicated(mesh))
+
+
+def evaluate(eval_step: Callable, params, batches) -> dict:
+    """Loss over every loss token of `batches` (global jax Batches) and its perplexity."""
+    nll, tokens = 0.0, 0.0
+    for batch in batches:
+        sums = jax.device_get(eval_step(params, batch))
+        nll, tokens = nll + float(sums["nll_sum"]), tokens + float(sums["loss_tokens"])
+    loss = nll / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": float(jnp.exp(jnp.minimum(loss, 80.0))), "loss_tokens": tokens}
