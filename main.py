@@ -23,8 +23,9 @@ log = logging.getLogger("atlas_jax")
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def _main(raw: DictConfig) -> None:
-    # Hydra sets the root logger to INFO; JAX's backend probing is noise at that level.
-    logging.getLogger("jax").setLevel(logging.WARNING)
+    # Hydra sets the root logger to INFO; JAX backend probing and Orbax progress are noise there.
+    for noisy in ("jax", "absl", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         _run(config_lib.to_config(raw))
     except Exception as error:  # noqa: BLE001

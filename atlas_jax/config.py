@@ -17,7 +17,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 
-class ConfigError(ValueError):
+class UsageError(ValueError):
+    """A problem with what the user asked for (config, data file, checkpoint): main.py
+    prints its message as one line and exits 2, without a traceback."""
+
+
+class ConfigError(UsageError):
     """A configuration problem; its message is one line naming the key and value."""
 
 
@@ -271,9 +276,20 @@ def register() -> None:
 register()
 
 
+def _hashable(value: Any) -> Any:
+    """OmegaConf returns lists for tuple fields; configs are static jit arguments, so they
+    must hash: lists become tuples, nested dataclasses are rebuilt the same way."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: _hashable(getattr(value, f.name))
+                                             for f in dataclasses.fields(value)})
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
 def to_config(raw: DictConfig) -> TrainConfig:
-    """Composed Hydra config -> validated, frozen TrainConfig."""
-    cfg = OmegaConf.to_object(raw)
+    """Composed Hydra config -> validated, frozen, hashable TrainConfig."""
+    cfg = _hashable(OmegaConf.to_object(raw))
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"config root is {type(cfg).__name__}, expected TrainConfig (is 'train_schema' first in defaults?)")
     validate(cfg)
@@ -393,12 +409,23 @@ def model_preset(name_or_path: str, *, numerics: ModelConfig) -> ModelConfig:
     preset = CONFIG_DIR / "model" / f"{name_or_path}.yaml"
     if preset.is_file():
         node = OmegaConf.merge(_writable(OmegaConf.structured(ModelConfig)), OmegaConf.load(preset))
-        base = OmegaConf.to_object(node)
+        base = _hashable(OmegaConf.to_object(node))
     else:
         base = dataclasses.replace(ModelConfig(), name=name_or_path, model_name_or_path=name_or_path)
     return dataclasses.replace(base, dtype=numerics.dtype, param_dtype=numerics.param_dtype,
                                remat=numerics.remat, scan_layers=numerics.scan_layers,
                                lora=LoraConfig(), load_in_4bit=False)
+
+
+def compose(overrides: list[str]) -> TrainConfig:
+    """The validated config for command-line style overrides (e.g. a quickstart phase)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside main.py's Hydra app
+        return to_config(hydra_compose(config_name="train", overrides=overrides))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return to_config(hydra_compose(config_name="train", overrides=overrides))
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -14,7 +14,7 @@ from typing import Optional
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from atlas_jax.config import ConfigError
+from atlas_jax.config import UsageError
 
 _NOISE = ("full_key:", "reference_type=", "object_type=", "Config search path", "provider=",
           "Set the environment variable")
@@ -57,7 +57,7 @@ def _from_hydra(error: HydraException) -> str:
 
 def one_line(error: BaseException) -> Optional[str]:
     """The one-line message for a usage error, or None for anything else."""
-    if isinstance(error, ConfigError):
+    if isinstance(error, UsageError):
         return str(error)
     if isinstance(error, HydraException):
         return _from_hydra(error)

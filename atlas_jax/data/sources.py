@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from atlas_jax.config import DataConfig
+from atlas_jax.config import DataConfig, UsageError
 from atlas_jax.data import synthetic
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ SYNTHETIC = "synthetic_math"
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Input data that cannot be trained on; the message is one line naming the file."""
 
 
