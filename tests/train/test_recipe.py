@@ -85,3 +85,21 @@ def test_non_finite_loss_stops_without_saving_that_state(tmp_path, monkeypatch):
     with pytest.raises(loop_lib.NonFiniteLossError, match="at step 3"):
         sft_recipe.run(_cfg(tmp_path, save_steps=2), helpers.mesh_of(1))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # step 4 would have been saved
+
+
+def test_tiny_model_halves_its_loss_on_synthetic_traces(tmp_path):
+    """Within the quickstart budget (150 steps x 16 rows): here 50 steps of a smaller model."""
+    cfg = _cfg(tmp_path, max_steps=50, learning_rate=1e-2, warmup_steps=0, warmup_ratio=0.05, eval_steps=50,
+               save_steps=50, save_final_model=True)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(MODEL, hidden_size=64, intermediate_size=192),
+                              batch=BatchConfig(global_batch_size=16, micro_batch_size=-1, eval_batch_size=16),
+                              data=dataclasses.replace(cfg.data, num_synthetic_examples=400, eval_split_ratio=0.05,
+                                                       max_length=256))
+    result = sft_recipe.run(cfg, helpers.mesh_of(1))
+    losses = _losses(tmp_path)
+    assert losses[50] <= 0.5 * losses[1], losses
+    with open(tmp_path / "metrics.jsonl") as f:
+        evals = [json.loads(line) for line in f if "eval/loss" in line]
+    assert evals and evals[-1]["eval/perplexity"] == pytest.approx(np.exp(evals[-1]["eval/loss"]), rel=1e-5)
+    assert evals[-1]["eval/loss"] <= 0.5 * losses[1]
+    assert os.path.exists(os.path.join(result["hf_dir"], "config.json"))
