@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from atlas_jax.config import TrainConfig
 from atlas_jax.data import rl_batches
 from atlas_jax.models import Decoder, load_tokenizer, param_shardings
-from atlas_jax.recipes.teacher_rcl import load_student
+from atlas_jax.recipes.teacher_rcl import load_student, teacher_system
 from atlas_jax.rl import rollout
 from atlas_jax.rl.report import teaching_report, write_report
 from atlas_jax.train.checkpoint import restore_params
@@ -51,7 +51,8 @@ def run(cfg: TrainConfig, mesh) -> dict:
     for start in tqdm(range(0, len(records), size), desc="evaluate", unit="batch", dynamic_ncols=True):
         episodes.append(rollout.teaching_episode(
             teacher, student, tokenizer, student_tok, records[start:start + size], trainer=cfg.trainer,
-            reward=cfg.reward, num_generations=1, temperature=0.0, seed=cfg.seed, mesh=mesh))
+            reward=cfg.reward, num_generations=1, temperature=0.0, seed=cfg.seed, mesh=mesh,
+            teacher_system=teacher_system(cfg)))
 
     # 4. Report.
     report = {**teaching_report(episodes), "checkpoint": str(cfg.checkpoint), "checkpoint_step": step}

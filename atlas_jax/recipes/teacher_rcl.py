@@ -21,14 +21,14 @@ import numpy as np
 from flax import nnx
 
 from atlas_jax import parallel
-from atlas_jax.config import TrainConfig, model_preset, to_yaml
-from atlas_jax.data import rl_batches, rl_num_examples
+from atlas_jax.config import TrainConfig, accumulation_steps, model_preset, to_yaml
+from atlas_jax.data import ADAPTIVE_TEACHING_SYSTEM_PROMPT, rl_batches, rl_num_examples
 from atlas_jax.data.batch import to_global
 from atlas_jax.models import load_model, load_tokenizer
 from atlas_jax.rl import policy, rollout
 from atlas_jax.rl.grpo import group_advantages
 from atlas_jax.train import loop, metrics as metrics_lib
-from atlas_jax.train.checkpoint import Checkpointer
+from atlas_jax.train.checkpoint import Checkpointer, resolve
 from atlas_jax.train.optim import make_optimizer, make_schedule
 from atlas_jax.train.step import make_train_step
 from atlas_jax.train.state import abstract_of
@@ -58,17 +58,18 @@ def run(cfg: TrainConfig, mesh) -> dict:
     optimizer, schedule = make_optimizer(t, total), make_schedule(t, total)
     state, shardings = policy.create_rl_state(params, optimizer, mesh, seed=cfg.seed, with_ref=t.beta > 0)
     checkpointer = Checkpointer(str(out / "checkpoints"), save_steps=t.save_steps, max_to_keep=t.save_total_limit)
-    resume_dir = cfg.resume_from or (str(out / "checkpoints") if checkpointer.latest_step() is not None else None)
+    resume_dir, resume_step = (str(out / "checkpoints"), None) if checkpointer.latest_step() is not None \
+        else resolve(cfg.resume_from) if cfg.resume_from else (None, None)
     if resume_dir:
-        restored = Checkpointer(resume_dir, save_steps=t.save_steps, max_to_keep=None).restore(abstract_of(state))
+        restored = Checkpointer(resume_dir, save_steps=t.save_steps, max_to_keep=None, read_only=True).restore(
+            abstract_of(state), step=resume_step)
         state = restored["state"]
         if restored["data_state"] is not None:
             prompts.set_state(restored["data_state"])
 
     # 4. The step: rollout from the current policy, then the update.
-    dp = parallel.data_parallel_size(mesh)
-    accum = cfg.batch.global_batch_size // (dp * max(cfg.batch.micro_batch_size, 1)) \
-        if cfg.batch.micro_batch_size > 0 else 1
+    accum = accumulation_steps(cfg.batch.global_batch_size, cfg.batch.micro_batch_size,
+                               parallel.data_parallel_size(mesh))
     update = make_train_step(policy.make_grpo_loss(graphdef, t), optimizer, accum_steps=accum, mesh=mesh,
                              state_shardings=shardings, totals_fn=policy.grpo_totals, schedule=schedule)
     logprobs = policy.make_logprob_fn(graphdef, mesh, shardings.params, t.temperature)
@@ -81,7 +82,8 @@ def run(cfg: TrainConfig, mesh) -> dict:
         if teaching:
             return rollout.teaching_episode(model, student, tokenizer, student_tok, records, trainer=t,
                                             reward=cfg.reward, num_generations=num_generations,
-                                            temperature=temperature, seed=seed, mesh=mesh)
+                                            temperature=temperature, seed=seed, mesh=mesh,
+                                            teacher_system=teacher_system(cfg))
         return rollout.answer_episode(model, tokenizer, records, trainer=t, reward=cfg.reward,
                                       num_generations=num_generations, temperature=temperature, seed=seed,
                                       mesh=mesh)
@@ -145,6 +147,11 @@ def load_student(cfg: TrainConfig, mesh, graphdef, params, tokenizer):
         return nnx.merge(graphdef, frozen), tokenizer
     student_cfg = model_preset(cfg.trainer.student_model, numerics=cfg.model)
     return load_model(student_cfg, mesh=mesh, seed=cfg.seed + 1), load_tokenizer(student_cfg)
+
+
+def teacher_system(cfg: TrainConfig) -> str:
+    """The system prompt SFT trained the teacher under, so RCL prompts it the same way."""
+    return cfg.data.system_prompt if cfg.data.system_prompt is not None else ADAPTIVE_TEACHING_SYSTEM_PROMPT
 
 
 def evaluation_records(cfg: TrainConfig) -> list:

@@ -49,9 +49,9 @@ def eos_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def chat_prompt(tokenizer, user_text: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
-                                         tokenize=False, add_generation_prompt=True)
+def chat_prompt(tokenizer, user_text: str, system: Optional[str] = None) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def encode_left_padded(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,9 +69,10 @@ def encode_left_padded(tokenizer, texts: Sequence[str], max_length: int) -> tupl
 
 def sample(model, tokenizer, prompts: Sequence[str], *, max_prompt_length: int, max_new_tokens: int,
            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-           num_samples: int = 1, seed: int = 0, mesh=None) -> Completions:
+           num_samples: int = 1, seed: int = 0, mesh=None, system: Optional[str] = None) -> Completions:
     """Chat-formats `prompts`, samples `num_samples` continuations each (prompt-major rows)."""
-    ids, mask = encode_left_padded(tokenizer, [chat_prompt(tokenizer, p) for p in prompts], max_prompt_length)
+    ids, mask = encode_left_padded(tokenizer, [chat_prompt(tokenizer, p, system) for p in prompts],
+                                   max_prompt_length)
     stop = eos_ids(tokenizer)
     out = generate(model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=max_new_tokens,
                    temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, eos_token_id=stop,
@@ -148,8 +149,12 @@ class TeachingEpisode:
 
 def teaching_episode(teacher, student, teacher_tok, student_tok, records: Sequence[dict[str, Any]], *,
                      trainer: TrainerConfig, reward: RewardConfig, num_generations: int,
-                     temperature: float, seed: int, mesh=None) -> TeachingEpisode:
-    """Runs steps 0-3 of the episode and scores every guidance sample."""
+                     temperature: float, seed: int, mesh=None,
+                     teacher_system: Optional[str] = None) -> TeachingEpisode:
+    """Runs steps 0-3 of the episode and scores every guidance sample.
+
+    teacher_system: the teacher's system prompt; pass the one SFT trained it under.
+    """
     G = num_generations
     problems = [r["prompt"] for r in records]
     answers = [str(r.get("ground_truth") or "") for r in records]
@@ -165,7 +170,7 @@ def teaching_episode(teacher, student, teacher_tok, student_tok, records: Sequen
                           for p, a in zip(problems, probe.texts)],
                          max_new_tokens=trainer.max_completion_length, temperature=temperature,
                          top_p=trainer.top_p, top_k=trainer.top_k, min_p=trainer.min_p,
-                         num_samples=G, seed=seed + 2, **budget)
+                         num_samples=G, seed=seed + 2, system=teacher_system, **budget)
     guidance = [rewards_lib.extract_teaching(t) for t in teacher_out.texts]
     problems_G = [p for p in problems for _ in range(G)]
     answers_G = [a for a in answers for _ in range(G)]
