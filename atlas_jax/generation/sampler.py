@@ -53,11 +53,15 @@ def _cache_spec(mesh: Mesh, kv_heads: int) -> P:
     return P(None, parallel.DATA_AXES, None, tensor, None)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "budget", "num_samples", "sort", "mesh"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "budget", "num_samples", "sort", "mesh", "unroll_layers"))
 def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_id, seed,
-             temperature, top_k, top_p, min_p, *, budget, num_samples, sort, mesh):
+             temperature, top_k, top_p, min_p, *, budget, num_samples, sort, mesh, unroll_layers):
     TRACES["count"] += 1
     model: Decoder = nnx.merge(graphdef, params)
+    if unroll_layers:
+        # a scanned stack slices (copies) each layer's weights out every step; decode is
+        # memory-bound, so reading the weights in place is worth a longer compile
+        model.config = dataclasses.replace(model.config, scan_layers=False)
     cfg = model.config
     B, T = ids_BT.shape
     G, R = num_samples, B * num_samples
@@ -117,13 +121,14 @@ def _mesh_of(params) -> Optional[Mesh]:
 def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: int = 0, seed: int = 0,
-             num_samples: int = 1, mesh: Optional[Mesh] = None) -> GenerateOutput:
+             num_samples: int = 1, mesh: Optional[Mesh] = None, unroll_layers: bool = True) -> GenerateOutput:
     """Continues left-padded prompts [B, T]; see GenerateOutput. temperature=0 is greedy.
 
     Rows are prompt-major: prompt i's samples are rows i*G .. i*G+G-1. `.logprobs` are under
     the distribution sampled from (see atlas_jax.generation.sampling). With a mesh (or a
     model whose params are sharded) rows split over the data axes and weights keep their
-    sharding; the outputs are global arrays.
+    sharding; the outputs are global arrays. `unroll_layers` trades compile time (grows
+    with depth) for decode speed (weights read in place, not sliced out of the stack).
     """
     ids = np.asarray(input_ids, np.int32)
     mask = np.asarray(attention_mask, np.int32)
@@ -151,6 +156,6 @@ def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, 
     out = _program(graphdef, params, ids_p, mask_p, row_ids, jnp.int32(max_new_tokens), eos,
                    jnp.int32(pad_token_id), jnp.uint32(seed), jnp.float32(temperature), jnp.int32(top_k),
                    jnp.float32(top_p), jnp.float32(min_p), budget=budget, num_samples=num_samples,
-                   sort=bool(top_k > 0 or top_p < 1.0), mesh=mesh)
+                   sort=bool(top_k > 0 or top_p < 1.0), mesh=mesh, unroll_layers=unroll_layers)
     R = B * num_samples
     return GenerateOutput(out.tokens[:R, :max_new_tokens], out.logprobs[:R, :max_new_tokens], out.lengths[:R])

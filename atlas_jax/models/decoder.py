@@ -227,11 +227,11 @@ class Decoder(nnx.Module):
 
     def logits(self, x_BTD):
         """x_BTD -> float32 logits_BTV (tied embeddings reuse the embedding table)."""
-        if self.config.tie_word_embeddings:
-            w_DV = self.embed[...].astype(self.dtype).T
-        else:
-            w_DV = self.lm_head[...].astype(self.dtype)
-        return jnp.einsum("BTD,DV->BTV", x_BTD.astype(self.dtype), w_DV,
+        x_BTD = x_BTD.astype(self.dtype)
+        if self.config.tie_word_embeddings:  # contract against the table as stored: no transpose copy
+            return jnp.einsum("BTD,VD->BTV", x_BTD, self.embed[...].astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
     def forward_with_cache(self, input_ids_BT, cache: Optional[KVCache], *, attention_mask_BT=None,
