@@ -102,7 +102,7 @@ def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_i
         done_R = done_R | jnp.isin(tok_R, eos_E)
         x_R1D, cache = model.forward_with_cache(tok_R[:, None], cache, positions_BT=pos_R[:, None],
                                                 segment_ids_BT=jnp.ones((R, 1), jnp.int32))
-        logits_RV = _constrain(model.logits(x_R1D)[:, 0], mesh, rows) if mesh is not None else model.logits(x_R1D)[:, 0]
+        logits_RV = _constrain(model.logits(x_R1D)[:, 0], mesh, rows)
         return step + 1, logits_RV, cache, pos_R + 1, done_R, tokens_RS, logps_RS, lengths_R
 
     state = (jnp.zeros((), jnp.int32), logits_RV, cache, pos_R, done_R,
