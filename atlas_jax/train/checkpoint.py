@@ -20,6 +20,8 @@ from etils import epath
 
 from atlas_jax.config import UsageError
 
+from atlas_jax.config import UsageError
+
 log = logging.getLogger(__name__)
 
 STATE, DATA, EXTRA = "state", "data", "extra"

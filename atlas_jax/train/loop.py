@@ -18,13 +18,14 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from atlas_jax.config import TrainerConfig
+from atlas_jax.config import TrainerConfig, UsageError
 from atlas_jax.train import metrics as metrics_lib
 from atlas_jax.train.checkpoint import Checkpointer
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN/inf loss or gradient; the message names the step."""
+class NonFiniteLossError(FloatingPointError, UsageError):
+    """Training produced a NaN/inf loss or gradient; the message (one line, printed by
+    main.py without a traceback) names the step and the last good checkpoint."""
 
 
 @dataclasses.dataclass
