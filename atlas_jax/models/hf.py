@@ -21,10 +21,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from atlas_jax.config import ModelConfig, RopeScalingConfig
+from atlas_jax.config import ModelConfig, RopeScalingConfig, UsageError
 from atlas_jax.models import safetensors_io
 from atlas_jax.models.build import spec_for
 from atlas_jax.models.decoder import Decoder
+
+
+class ModelLoadError(UsageError):
+    """A model directory or hub id that cannot be loaded; one line naming the path."""
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # what the HF class assumes when config.json leaves the key out
@@ -40,7 +44,7 @@ def _rope_from_hf(hf: dict, where: str) -> tuple[float, RopeScalingConfig]:
     if kind == "default":
         return theta, RopeScalingConfig(rope_type="none")
     if kind != "llama3":
-        raise ValueError(f"{where}: rope_type={kind!r} is not supported (default or llama3)")
+        raise ModelLoadError(f"{where}: rope_type={kind!r} is not supported (default or llama3)")
     return theta, RopeScalingConfig(
         rope_type="llama3", factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
         high_freq_factor=float(rope["high_freq_factor"]),
@@ -51,14 +55,14 @@ def config_from_hf(hf: dict, *, where: str = "config.json", base: Optional[Model
     """HF config dict -> ModelConfig; numerics/training fields come from `base` when given."""
     family = hf.get("model_type")
     if family not in FAMILIES:
-        raise ValueError(f"{where}: model_type={family!r} is not supported (one of {', '.join(FAMILIES)})")
+        raise ModelLoadError(f"{where}: model_type={family!r} is not supported (one of {', '.join(FAMILIES)})")
     if hf.get("auto_map"):
-        raise ValueError(f"{where}: declares remote code (auto_map); atlas_jax never runs checkpoint code")
+        raise ModelLoadError(f"{where}: declares remote code (auto_map); atlas_jax never runs checkpoint code")
     for key, ok in (("hidden_act", "silu"), ("mlp_bias", False), ("use_sliding_window", False)):
         if hf.get(key, ok) != ok:
-            raise ValueError(f"{where}: {key}={hf[key]!r} is not supported (expected {ok!r})")
+            raise ModelLoadError(f"{where}: {key}={hf[key]!r} is not supported (expected {ok!r})")
     if family != "qwen2" and hf.get("attention_bias", False):
-        raise ValueError(f"{where}: attention_bias=true is not supported for {family} (it adds an o_proj bias)")
+        raise ModelLoadError(f"{where}: attention_bias=true is not supported for {family} (it adds an o_proj bias)")
     theta, scaling = _rope_from_hf(hf, where)
     heads = int(hf["num_attention_heads"])
     arch = dict(
@@ -136,12 +140,12 @@ def _resolve(path: str) -> str:
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
-        raise ValueError(f"{path}: expected a model directory (config.json + *.safetensors), got a file")
+        raise ModelLoadError(f"{path}: expected a model directory (config.json + *.safetensors), got a file")
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
     except Exception as e:  # offline, unknown id, auth: all end the same way for the user
-        raise OSError(f"cannot fetch {path!r} from the Hugging Face hub ({type(e).__name__}); "
+        raise ModelLoadError(f"cannot fetch {path!r} from the Hugging Face hub ({type(e).__name__}); "
                       "offline, pass a local directory holding config.json and *.safetensors") from e
 
 
@@ -155,9 +159,9 @@ def _weight_files(path: str) -> dict[str, str]:
     if not files:
         pickles = [p for ext in ("bin", "pt", "pth", "ckpt") for p in glob.glob(os.path.join(path, f"*.{ext}"))]
         if pickles:
-            raise ValueError(f"{pickles[0]}: pickle checkpoints are refused (they can run code); "
+            raise ModelLoadError(f"{pickles[0]}: pickle checkpoints are refused (they can run code); "
                              "convert to safetensors first")
-        raise FileNotFoundError(f"{path}: no *.safetensors weights found")
+        raise ModelLoadError(f"{path}: no *.safetensors weights found")
     return {name: f for f in files for name in safetensors_io.SafetensorsFile(f).keys()}
 
 
@@ -187,7 +191,7 @@ def from_pretrained(path: str, *, dtype: str = "float32", mesh: Optional[Mesh] =
     path = _resolve(path)
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: expected a Hugging Face model directory")
+        raise ModelLoadError(f"{config_path} not found: expected a Hugging Face model directory")
     with open(config_path) as f:
         hf = json.load(f)
     base = config or ModelConfig(param_dtype=dtype)
@@ -198,7 +202,7 @@ def from_pretrained(path: str, *, dtype: str = "float32", mesh: Optional[Mesh] =
 
     def read(name: str) -> np.ndarray:
         if name not in files:
-            raise KeyError(f"{path}: tensor {name!r} missing from the checkpoint")
+            raise ModelLoadError(f"{path}: tensor {name!r} missing from the checkpoint")
         reader = readers.setdefault(files[name], safetensors_io.SafetensorsFile(files[name]))
         return reader.read(name)
 

@@ -11,6 +11,7 @@ import torch
 
 from atlas_jax.config import MeshConfig, ModelConfig
 from atlas_jax.models import from_pretrained, load_model, param_count, save_pretrained
+from atlas_jax.models.hf import ModelLoadError
 from atlas_jax.parallel import make_mesh
 
 
@@ -112,5 +113,5 @@ def test_refuses_pickle_and_unknown_architectures(tmp_path, hf_checkpoints):
 
 def test_hub_id_offline_fails_with_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match="pass a local directory"):
+    with pytest.raises(ModelLoadError, match="pass a local directory"):
         from_pretrained("some-org/not-a-local-dir")
