@@ -22,6 +22,15 @@ for ((i = 0; i < num_processes; i++)); do
     distributed.num_processes=${num_processes} distributed.process_id=${i} &
   pids+=($!)
 done
+# The first process to fail stops the others: they would otherwise wait in a collective
+# for it until jax.distributed's timeout.
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for ((n = 0; n < num_processes; n++)); do
+  rc=0
+  wait -n || rc=$?
+  if ((rc != 0 && status == 0)); then
+    status=$rc
+    kill "${pids[@]}" 2>/dev/null || true
+  fi
+done
 exit $status

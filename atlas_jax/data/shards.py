@@ -1,7 +1,10 @@
 """Which examples a process reads, in which order, and how many rows it batches.
 
-Process p of P takes every P-th example (p, p+P, ...): shares are disjoint, cover the
-split, and differ in size by at most one. The order is a seeded per-epoch shuffle.
+Every process walks the same global stream (a seeded per-epoch shuffle of the split) and
+process p of P takes its positions p, p+P, ...: shares are disjoint, cover the split, and
+differ in size by at most one. A global batch (the processes' local batches in process
+order) therefore holds the same examples whatever P is, only in another row order, so a
+run's loss curve does not depend on how many processes feed it.
 """
 
 from __future__ import annotations
@@ -38,17 +41,21 @@ EMPTY = -1
 def example_dataset(
     num_examples: int, *, shuffle: bool, seed: int, num_epochs: Optional[int], process_index: int, process_count: int
 ) -> grain.MapDataset:
-    """Indices of this process's share (every process_count-th example), shuffled per epoch.
+    """Indices of this process's share: every process_count-th position of the global stream.
 
-    With a finite number of epochs every share is filled up to ceil(N / P) slots with
-    EMPTY, so all processes yield the same number of batches and none waits forever in a
-    collective for a peer that already stopped. Repeating forever needs no filler.
+    With a finite number of epochs the stream is filled up to a multiple of process_count
+    with EMPTY, so all processes yield the same number of batches and none waits forever in
+    a collective for a peer that already stopped. Repeating forever needs no filler.
     """
-    slots = num_examples if num_epochs is None else -(-num_examples // process_count) * process_count
-    ds = grain.MapDataset.range(slots)[process_index::process_count]
-    if slots > num_examples:
-        ds = ds.map(lambda i: i if i < num_examples else EMPTY)
+    stream = grain.MapDataset.range(num_examples)
     if shuffle:
-        ds = ds.shuffle(seed=seed)
+        stream = stream.shuffle(seed=seed)
     # repeat() reseeds the shuffle each epoch, so epochs differ but stay reproducible.
-    return ds.repeat(num_epochs)
+    stream = stream.repeat(num_epochs)
+    if num_epochs is not None:
+        total = len(stream)
+        slots = -(-total // process_count) * process_count
+        if slots > total:
+            examples = stream  # the lambda must not see `stream` rebound
+            stream = grain.MapDataset.range(slots).map(lambda k: examples[k] if k < total else EMPTY)
+    return stream[process_index::process_count]

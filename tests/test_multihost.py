@@ -1,0 +1,114 @@
+"""Multi-host with JAX's own runtime, simulated on one machine.
+
+Two processes x 4 CPU devices (launchers/local_multiprocess.sh, jax.distributed on
+127.0.0.1) run 3 SFT steps; one process with 8 devices runs the same command. Both see
+the same global batches, so the losses per step and the parameters agree, and the
+checkpoint the two processes wrote jointly restores in this (single) process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from atlas_jax import parallel
+from atlas_jax.config import compose
+from atlas_jax.recipes.evaluate import restore_teacher
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SFT = ["+run=teacher_sft", "model=tiny", "data=synthetic_math_sft", "batch=quickstart", "mesh=cpu",
+       "trainer.max_steps=3", "data.max_length=256", "data.num_synthetic_examples=200",
+       "trainer.eval_steps=1000", "trainer.report_to=[]"]
+TIMEOUT_S = 240  # each run takes ~30-60 s on 2 cores; a hung collective must not hang the suite
+
+
+def _env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHON=sys.executable,
+               PORT=str(portpicker.pick_unused_port()))
+    return env
+
+
+def _start(cmd: list[str], devices: int, log: pathlib.Path) -> subprocess.Popen:
+    # Own session: on failure the whole group (launcher and its python children) is killed.
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log: pathlib.Path, deadline_s: float) -> None:
+    try:
+        proc.wait(timeout=deadline_s)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{proc.args[:2]} timed out after {deadline_s} s; log:\n{log.read_text()[-3000:]}")
+    assert proc.returncode == 0, f"{proc.args[:2]} exited {proc.returncode}; log:\n{log.read_text()[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Output dirs of the 1 x 8 and the 2 x 4 runs, started side by side."""
+    tmp = tmp_path_factory.mktemp("multihost")
+    one, two = tmp / "one_process", tmp / "two_processes"
+    procs = [
+        (_start([sys.executable, "main.py", *SFT, f"output_dir={one}"], 8, tmp / "one.log"), tmp / "one.log"),
+        (_start(["bash", "launchers/local_multiprocess.sh", "2", "4", *SFT, f"output_dir={two}"], 4,
+                tmp / "two.log"), tmp / "two.log"),
+    ]
+    try:
+        for proc, log in procs:
+            _finish(proc, log, TIMEOUT_S)
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return one, two
+
+
+def _train_metrics(run_dir: pathlib.Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def test_two_processes_match_one(runs):
+    one, two = runs
+    m1, m2 = _train_metrics(one), _train_metrics(two)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2, 3]
+    for a, b in zip(m1, m2):
+        assert a["loss_tokens"] == b["loss_tokens"]  # the same examples in every global batch
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+        np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-5)
+    # The HF export gathers the parameters from both processes; process 0 writes it.
+    w1, w2 = load_file(one / "hf" / "model.safetensors"), load_file(two / "hf" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        np.testing.assert_allclose(w2[name], w1[name], atol=1e-5, err_msg=name)
+
+
+def test_two_process_checkpoint_restores_in_one_process(runs):
+    one, two = runs
+    # Written once, jointly: one step directory with both processes' shards committed.
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["3"]
+    assert (two / "checkpoints" / "3" / "commit_success.txt").exists()
+    cfg = compose(SFT)
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+    restored = {}
+    for run_dir in (one, two):
+        model, step = restore_teacher(dataclasses.replace(cfg, checkpoint=str(run_dir / "checkpoints")), mesh)
+        assert step == 3
+        restored[run_dir] = jax.tree.leaves(jax.device_get(nnx.state(model, nnx.Param)))
+    assert len(restored[one]) == len(restored[two]) > 0
+    for a, b in zip(restored[one], restored[two]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
