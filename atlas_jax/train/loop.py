@@ -90,7 +90,13 @@ def train_loop(
     """
     start = int(jax.device_get(state.step))
     num_devices = jax.device_count()
-    timer = {"t": time.perf_counter(), "tokens": 0.0, "steps": 0}
+    # A step's time is the host interval between two step_fn returns. With dispatch-ahead the
+    # host is held back by at most one step, so in steady state this equals the device step
+    # time; for host-bound steps (RL rollouts) it is rollout + update. Eval and checkpoint
+    # time are excluded by restarting the clock after them.
+    clock = {"last_return": time.perf_counter()}
+    durations: dict[int, float] = {}
+    window = {"seconds": 0.0, "tokens": 0.0, "steps": 0}
     last: dict = {}
 
     def finish(step: int, device_metrics: dict) -> None:
@@ -102,16 +108,16 @@ def train_loop(
                 f"non-finite {bad[0]}={host[bad[0]]} at step {step}: stopping; this state is not saved "
                 f"(last checkpoint: {saved if saved is not None else 'none'})")
         writers.advance()
-        timer["tokens"] += host.get("tokens", 0.0)
-        timer["steps"] += 1
+        window["seconds"] += durations.pop(step)
+        window["tokens"] += host.get("tokens", 0.0)
+        window["steps"] += 1
         last.clear()
         last.update(host)
         if step % logging_steps == 0 or step == total_steps:
-            now = time.perf_counter()
-            elapsed = now - timer["t"]
-            rates = metrics_lib.throughput(timer["tokens"], elapsed, flops_per_token, num_devices, peak_flops)
-            writers.write(step, {**host, **rates, "step_time_s": elapsed / max(timer["steps"], 1)})
-            timer.update(t=now, tokens=0.0, steps=0)
+            seconds = window["seconds"]
+            rates = metrics_lib.throughput(window["tokens"], seconds, flops_per_token, num_devices, peak_flops)
+            writers.write(step, {**host, **rates, "step_time_s": seconds / max(window["steps"], 1)})
+            window.update(seconds=0.0, tokens=0.0, steps=0)
 
     pending = None
     step = start
@@ -121,6 +127,9 @@ def train_loop(
                 batch = next_batch(state)
                 batch_state = data_state() if data_state is not None else None
                 state, device_metrics = step_fn(state, batch)
+                now = time.perf_counter()
+                durations[step] = now - clock["last_return"]
+                clock["last_return"] = now
                 if pending is not None:
                     finish(*pending)
                 pending = (step, device_metrics)
@@ -133,9 +142,9 @@ def train_loop(
                 pending = None
                 if evaluate:
                     writers.write(step, {f"eval/{k}": v for k, v in eval_fn(state).items()})
-                    timer["t"] = time.perf_counter()  # eval time is not step time
                 if save:
                     checkpointer.save(step, state, data_state=batch_state)
+                clock["last_return"] = time.perf_counter()  # eval and save time are not step time
                 if sigterm.requested:
                     writers.message(f"SIGTERM: saved step {step}, stopping")
                     return LoopResult(state, step, "sigterm", dict(last))
