@@ -24,10 +24,10 @@ from atlas_jax import parallel
 from atlas_jax.config import TrainConfig, accumulation_steps, model_preset, to_yaml
 from atlas_jax.data import ADAPTIVE_TEACHING_SYSTEM_PROMPT, rl_batches, rl_num_examples
 from atlas_jax.data.batch import to_global
-from atlas_jax.models import load_model, load_tokenizer
+from atlas_jax.models import load_model, load_tokenizer, lora
 from atlas_jax.rl import policy, rollout
 from atlas_jax.rl.grpo import group_advantages
-from atlas_jax.train import loop, metrics as metrics_lib
+from atlas_jax.train import loop, metrics as metrics_lib, offload
 from atlas_jax.train.checkpoint import Checkpointer, resolve
 from atlas_jax.train.optim import make_optimizer, make_schedule
 from atlas_jax.train.step import make_train_step
@@ -45,8 +45,10 @@ def run(cfg: TrainConfig, mesh) -> dict:
     # 1. Teacher (the policy) and the frozen student.
     teacher = load_model(cfg.model, mesh=mesh, seed=cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    graphdef, params = nnx.split(teacher, nnx.Param)
-    student, student_tok = load_student(cfg, mesh, graphdef, params, tokenizer) if teaching else (None, None)
+    # with LoRA only adapters train; the frozen base is also the reference (adapters off)
+    graphdef, params, frozen = lora.split_trainable(teacher)
+    full = lambda p: lora.full_params(p, frozen)  # noqa: E731
+    student, student_tok = load_student(cfg, mesh, graphdef, params, tokenizer, frozen) if teaching else (None, None)
 
     # 2. Prompts.
     prompts = rl_batches(cfg.data, split="train", batch_size=prompts_per_step * t.generation_aggregation_steps,
@@ -56,7 +58,9 @@ def run(cfg: TrainConfig, mesh) -> dict:
     # 3. Optimizer, state (policy + reference), resume.
     total = loop.total_steps(t, rl_num_examples(cfg.data, split="train") * G, cfg.batch.global_batch_size)
     optimizer, schedule = make_optimizer(t, total), make_schedule(t, total)
-    state, shardings = policy.create_rl_state(params, optimizer, mesh, seed=cfg.seed, with_ref=t.beta > 0)
+    state, shardings = policy.create_rl_state(params, optimizer, mesh, seed=cfg.seed,
+                                              with_ref=t.beta > 0 and frozen is None)
+    state, shardings, frozen = offload.apply(state, shardings, frozen, offload.resolve(t.offload, mesh))
     checkpointer = Checkpointer(str(out / "checkpoints"), save_steps=t.save_steps, max_to_keep=t.save_total_limit)
     resume_dir, resume_step = (str(out / "checkpoints"), None) if checkpointer.latest_step() is not None \
         else resolve(cfg.resume_from) if cfg.resume_from else (None, None)
@@ -71,9 +75,13 @@ def run(cfg: TrainConfig, mesh) -> dict:
     accum = accumulation_steps(cfg.batch.global_batch_size, cfg.batch.micro_batch_size,
                                parallel.data_parallel_size(mesh))
     update = make_train_step(policy.make_grpo_loss(graphdef, t), optimizer, accum_steps=accum, mesh=mesh,
-                             state_shardings=shardings, totals_fn=policy.grpo_totals, schedule=schedule)
-    logprobs = policy.make_logprob_fn(graphdef, mesh, shardings.params, t.temperature)
-    mixup = policy.make_ref_mixup(shardings.params) if t.sync_ref_model and t.beta > 0 else None
+                             state_shardings=shardings, totals_fn=policy.grpo_totals, schedule=schedule,
+                             frozen=frozen, combine=lora.combine)
+    logprobs = policy.make_logprob_fn(graphdef, mesh, jax.tree.map(lambda x: x.sharding, full(state.params)),
+                                      t.temperature)
+    reference = (lambda s: s.ref_params) if frozen is None else (lambda s: full(lora.disabled(s.params)))  # noqa: E731
+    mixup = (policy.make_ref_mixup(shardings.params)
+             if t.sync_ref_model and t.beta > 0 and frozen is None else None)
     samples = SampleWriter(out / "completions.jsonl", t.save_completions_probability, cfg.seed)
     queue: list = []
 
@@ -93,21 +101,23 @@ def run(cfg: TrainConfig, mesh) -> dict:
             start = time.perf_counter()
             step = int(jax.device_get(state.step))
             records = next(prompts)
-            ep = episode(state.params, records, cfg.seed * 1_000_003 + step,
+            ep = episode(full(state.params), records, cfg.seed * 1_000_003 + step,
                          num_generations=G, temperature=t.temperature)
             samples.write(records_of(ep, records, G))
             advantages, group_std = group_advantages(ep.rewards, G, t.scale_rewards)
             batch_np, _ = rollout.training_batch(ep.policy, mask_truncated=t.mask_truncated_completions)
             stats = {**ep.metrics(), "frac_reward_zero_std": float(np.mean(np.asarray(group_std) < 1e-6))}
+            updates = []
             for chunk in np.array_split(np.arange(len(ep.rewards)), t.generation_aggregation_steps):
                 batch = to_global(jax.tree.map(lambda x: x[chunk], batch_np), mesh)
                 extras = {"advantages": global_rows(np.asarray(advantages)[chunk], mesh)}
                 if t.beta > 0:
-                    extras["ref_logp"] = logprobs(state.ref_params, batch)
+                    extras["ref_logp"] = logprobs(reference(state), batch)
                 if t.num_iterations > 1:
-                    extras["old_logp"] = logprobs(state.params, batch)
-                stats["rollout_time_s"] = time.perf_counter() - start
-                queue.extend([(batch, extras, dict(stats))] * t.num_iterations)
+                    extras["old_logp"] = logprobs(full(state.params), batch)
+                updates.extend([(batch, extras)] * t.num_iterations)
+            stats["rollout_time_s"] = time.perf_counter() - start
+            queue.extend((batch, extras, stats) for batch, extras in updates)
         return queue.pop(0)
 
     def step_fn(state, item):
@@ -121,7 +131,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
 
     def evaluate(state):
         records = [r for batch in eval_records for r in batch]
-        ep = episode(state.params, records, cfg.seed, num_generations=1, temperature=0.0)
+        ep = episode(full(state.params), records, cfg.seed, num_generations=1, temperature=0.0)
         return ep.metrics()
 
     writers = metrics_lib.Writers(str(out), t.report_to, total_steps=total, initial_step=int(state.step),
@@ -140,8 +150,11 @@ def run(cfg: TrainConfig, mesh) -> dict:
             "metrics": result.last_metrics}
 
 
-def load_student(cfg: TrainConfig, mesh, graphdef, params, tokenizer):
-    """The frozen student: a preset or HF path, else a copy of the initial teacher."""
+def load_student(cfg: TrainConfig, mesh, graphdef, params, tokenizer, frozen=None):
+    """The frozen student: a preset or HF path, else a copy of the initial teacher (with
+    LoRA: the frozen base itself, adapters off, no copy)."""
+    if cfg.trainer.student_model is None and frozen is not None:
+        return nnx.merge(graphdef, lora.combine(lora.disabled(params), frozen)), tokenizer
     if cfg.trainer.student_model is None:
         frozen = jax.tree.map(lambda x: x.copy(), params)
         return nnx.merge(graphdef, frozen), tokenizer

@@ -1,0 +1,32 @@
+"""Plain GRPO (+run=grpo) with one rollout serving several updates."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from atlas_jax import parallel
+from atlas_jax.config import compose
+from atlas_jax.recipes import teacher_rcl
+
+
+def test_one_rollout_serves_aggregation_x_iterations_updates(tmp_path):
+    cfg = compose(["+run=grpo", "model=tiny", "data=synthetic_math_rl", "batch=quickstart",
+                   "trainer.max_steps=4", "trainer.num_generations=4", "trainer.num_iterations=2",
+                   "trainer.generation_aggregation_steps=2", "trainer.max_prompt_length=128",
+                   "trainer.max_completion_length=8", "trainer.learning_rate=1e-2", "trainer.eval_steps=100",
+                   "data.eval_split_ratio=0", f"output_dir={tmp_path}"])
+    result = teacher_rcl.run(cfg, parallel.make_mesh(cfg.mesh, jax.devices()[:1]))
+    assert result["steps"] == 4
+    rows = [json.loads(l) for l in (pathlib.Path(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    # one rollout for all four updates: its statistics repeat, the updates do not
+    assert len({r["rollout_time_s"] for r in rows}) == 1
+    assert len({r["reward"] for r in rows}) == 1
+    assert all(r["num_sequences"] == cfg.batch.global_batch_size for r in rows)
+    # the second pass over a chunk sees a policy that has moved: rho != 1 there
+    assert rows[0]["kl"] >= 0 and np.isfinite([r["loss"] for r in rows]).all()
+    assert rows[1]["grad_norm"] != rows[0]["grad_norm"]
