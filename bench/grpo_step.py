@@ -1,0 +1,229 @@
+"""One GRPO step (rollout + update) of ours against TRL's GRPOTrainer, same model and shapes.
+
+    python bench/grpo_step.py [--models tiny qwen3_33m --prompts 4 --G 8 --prompt-len 64 --new 64 --steps 3]
+
+Ours: `generation.generate` (G samples per prompt, one prefill), `rl.rollout.training_batch`,
+reference log-probs (beta 0.04), `rl.policy.make_grpo_loss` on `train.step.make_train_step`,
+on one CPU device. TRL: `GRPOTrainer` (PyTorch, CPU) on the same architecture built from
+transformers' Qwen3Config with random weights, same G, prompts, lengths, temperature, beta
+and learning rate. Every completion runs the full budget (no EOS: ours eos_token_id=None,
+TRL min_new_tokens), so both process the same tokens. The reward is the share of even
+token ids (any cheap host reward; it only has to vary within a group).
+
+rollout = sampling + reward + reference log-probs; update = the optimizer step. Steady-state
+times are the mean over --steps steps after a first one; for ours the first step's excess
+over steady state is reported as compile time. TRL is a bench-only dependency
+(`pip install trl`); without it only our rows are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BETA, TEMPERATURE, LR = 0.04, 0.7, 1e-6
+
+
+def reward_even_share(tokens_BT: np.ndarray) -> np.ndarray:
+    return (tokens_BT % 2 == 0).mean(axis=1).astype(np.float32)
+
+
+def ours(preset: str, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from atlas_jax import parallel
+    from atlas_jax.config import compose
+    from atlas_jax.data.batch import to_global
+    from atlas_jax.generation import generate
+    from atlas_jax.models import load_model
+    from atlas_jax.recipes.teacher_rcl import global_rows
+    from atlas_jax.rl import policy
+    from atlas_jax.rl.grpo import group_advantages
+    from atlas_jax.rl.rollout import Completions, training_batch
+    from atlas_jax.train.optim import make_optimizer
+    from atlas_jax.train.step import make_train_step
+
+    G, P = args.G, args.prompts
+    cfg = compose(["+run=grpo", f"model={preset}", "mesh=cpu", f"trainer.num_generations={G}",
+                   f"trainer.max_completion_length={args.new}", f"trainer.max_prompt_length={args.prompt_len}",
+                   f"trainer.beta={BETA}", f"trainer.temperature={TEMPERATURE}", f"trainer.learning_rate={LR}",
+                   f"batch.global_batch_size={P * G}", "batch.micro_batch_size=-1"])
+    t = cfg.trainer
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+    graphdef, params = nnx.split(load_model(cfg.model, mesh=mesh, seed=0), nnx.Param)
+    optimizer = make_optimizer(t, args.steps + 1)
+    state, shardings = policy.create_rl_state(params, optimizer, mesh, seed=0, with_ref=True)
+    update = make_train_step(policy.make_grpo_loss(graphdef, t), optimizer, accum_steps=1, mesh=mesh,
+                             state_shardings=shardings, totals_fn=policy.grpo_totals)
+    ref_logprobs = policy.make_logprob_fn(graphdef, mesh, shardings.params, t.temperature)
+    ids_PT = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (P, args.prompt_len)).astype(np.int32)
+    mask_PT = np.ones_like(ids_PT)
+
+    def rollout(state, seed):
+        out = generate(nnx.merge(graphdef, state.params), jnp.asarray(ids_PT), jnp.asarray(mask_PT),
+                       max_new_tokens=args.new, temperature=t.temperature, eos_token_id=None, seed=seed,
+                       num_samples=G, mesh=mesh)
+        tokens, logprobs, lengths = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
+        c = Completions(np.repeat(ids_PT, G, 0), np.repeat(mask_PT, G, 0), tokens, logprobs, lengths,
+                        [""] * len(tokens), np.ones(len(tokens), bool))
+        batch_np, _ = training_batch(c, mask_truncated=False)  # every row runs the full budget
+        advantages, _ = group_advantages(reward_even_share(tokens), G, t.scale_rewards)
+        batch = to_global(batch_np, mesh)
+        extras = {"advantages": global_rows(np.asarray(advantages), mesh),
+                  "ref_logp": ref_logprobs(state.ref_params, batch)}
+        jax.block_until_ready(extras)
+        return batch, extras
+
+    rollouts, updates = [], []
+    for step in range(args.steps + 1):
+        start = time.perf_counter()
+        batch, extras = rollout(state, seed=step)
+        rollouts.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        state, metrics = update(state, batch, extras)
+        jax.block_until_ready(metrics)
+        updates.append(time.perf_counter() - start)
+    return summary(rollouts, updates, P * G, compile_s=rollouts[0] + updates[0] - np.mean(rollouts[1:])
+                   - np.mean(updates[1:]))
+
+
+def trl_step(preset: str, args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Qwen3Config, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from atlas_jax.config import compose
+    from atlas_jax.models import load_tokenizer
+
+    m = compose(["+run=grpo", f"model={preset}"]).model
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen3Config(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads, head_dim=m.resolved_head_dim, rms_norm_eps=m.rms_norm_eps,
+        rope_theta=m.rope_theta, max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=m.tie_word_embeddings))
+    tokenizer = load_tokenizer(m)
+    tokenizer.padding_side = "left"
+    rng = np.random.default_rng(0)
+    prompts = [text_of_length(tokenizer, rng, args.prompt_len) for _ in range(args.prompts * (args.steps + 1))]
+    prompt_lens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+
+    def reward(completion_ids, **_):
+        return [float(np.mean(np.asarray(c) % 2 == 0)) for c in completion_ids]
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.starts, self.steps = [], []
+
+        def on_step_begin(self, *a, **k):
+            self.starts.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            self.steps.append(time.perf_counter() - self.starts[-1])
+
+    with tempfile.TemporaryDirectory() as out:
+        # TRL builds its reference model from the policy's path, so the random model goes to disk.
+        model.save_pretrained(f"{out}/model")
+        tokenizer.save_pretrained(f"{out}/model")
+        config = GRPOConfig(
+            output_dir=f"{out}/run", per_device_train_batch_size=args.prompts * args.G, gradient_accumulation_steps=1,
+            num_generations=args.G, max_completion_length=args.new, temperature=TEMPERATURE, beta=BETA,
+            learning_rate=LR, lr_scheduler_type="constant", max_steps=args.steps + 1, logging_steps=1,
+            save_strategy="no", report_to=[], use_cpu=True, seed=0, shuffle_dataset=False,
+            generation_kwargs={"min_new_tokens": args.new}, dataloader_num_workers=0, disable_tqdm=True)
+        times = StepTimes()
+        trainer = GRPOTrainer(model=f"{out}/model", reward_funcs=reward, args=config, processing_class=tokenizer,
+                              train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[times])
+        rollouts = []
+        generate_and_score = trainer._generate_and_score_completions
+
+        def timed(*a, **k):
+            start = time.perf_counter()
+            result = generate_and_score(*a, **k)
+            rollouts.append(time.perf_counter() - start)
+            return result
+
+        trainer._generate_and_score_completions = timed
+        trainer.train()
+    updates = [s - r for s, r in zip(times.steps, rollouts)]
+    row = summary(rollouts, updates, args.prompts * args.G, compile_s=None)
+    row["prompt_tokens"] = float(np.mean(prompt_lens))
+    return row
+
+
+def text_of_length(tokenizer, rng, n: int, tries: int = 100) -> str:
+    """Random text that re-tokenizes to n tokens (decoding merges some ids), else the closest."""
+    best = ""
+    for _ in range(tries):
+        ids = rng.integers(3, len(tokenizer), n + n // 4)
+        ids = tokenizer(tokenizer.decode(ids, skip_special_tokens=True), add_special_tokens=False)["input_ids"][:n]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if length == n:
+            return text
+        if abs(length - n) < abs(len(tokenizer(best, add_special_tokens=False)["input_ids"]) - n):
+            best = text
+    return best
+
+
+def summary(rollouts, updates, completions: int, *, compile_s) -> dict:
+    rollout, update = float(np.mean(rollouts[1:])), float(np.mean(updates[1:]))
+    return {"rollout_s": rollout, "update_s": update, "completions_per_s": completions / (rollout + update),
+            "first_step_s": rollouts[0] + updates[0], "compile_s": compile_s}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["tiny", "qwen3_33m"])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--G", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+    parser.add_argument("--impls", nargs="+", default=["atlas_jax", "trl"])
+    args = parser.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    have_trl = importlib.util.find_spec("trl") is not None
+    if not have_trl:
+        print("trl is not installed (pip install trl): printing atlas_jax rows only", flush=True)
+
+    print(f"GRPO step: {args.prompts} prompts x G={args.G} = {args.prompts * args.G} completions, "
+          f"prompt {args.prompt_len} tokens, {args.new} new tokens (no EOS), beta {BETA}, 1 CPU device; "
+          f"mean of {args.steps} steps after the first", flush=True)
+    rows = []
+    for preset in args.models:
+        if "atlas_jax" in args.impls:
+            rows.append((preset, "atlas_jax", ours(preset, args)))
+            print(f"  done: {preset} atlas_jax", flush=True)
+        if have_trl and "trl" in args.impls:
+            rows.append((preset, "TRL GRPOTrainer", trl_step(preset, args)))
+            print(f"  done: {preset} TRL", flush=True)
+    head = f"{'model':<10} {'impl':<16} {'rollout s':>10} {'update s':>9} {'compl/s':>8} {'1st step s':>11} {'compile s':>10}"
+    print(head)
+    print("-" * len(head))
+    for preset, impl, r in rows:
+        compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
+        print(f"{preset:<10} {impl:<16} {r['rollout_s']:>10.3f} {r['update_s']:>9.3f} "
+              f"{r['completions_per_s']:>8.1f} {r['first_step_s']:>11.1f} {compile_s:>10}")
+    for preset in args.models:
+        mine = next((r for p, i, r in rows if p == preset and i == "atlas_jax"), None)
+        theirs = next((r for p, i, r in rows if p == preset and i != "atlas_jax"), None)
+        if mine and theirs:
+            print(f"{preset}: atlas_jax {mine['completions_per_s'] / theirs['completions_per_s']:.2f}x TRL "
+                  f"completions/s (TRL prompts averaged {theirs['prompt_tokens']:.0f} tokens)")
+
+
+if __name__ == "__main__":
+    main()
