@@ -238,7 +238,11 @@ class TrainConfig:
 
 RUNS = ("teacher_sft", "teacher_rcl", "grpo", "evaluate", "export", "quickstart")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "minimal", "save_dots", "full")
+# What the backward pass keeps from each layer's forward (the rest is recomputed); the
+# aliases "minimal", "save_dots" and "full" are the older names (models/decoder.py).
+REMAT_POLICIES = ("none", "save_weight_matmuls", "save_all_matmuls", "save_layer_inputs",
+                  "minimal", "save_dots", "full")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULES = ("constant", "cosine", "linear")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -323,6 +327,12 @@ def validate(cfg: TrainConfig) -> None:
             f"model.num_key_value_heads={m.num_key_value_heads}"
         )
     _positive("model.lora.rank", m.lora.rank, allow_zero=True)
+    for name in m.lora.target_modules:
+        _choice("model.lora.target_modules", name, LORA_TARGETS)
+    if m.lora.rank and not m.lora.target_modules:
+        raise ConfigError("model.lora.target_modules=[] is empty: name the projections to adapt")
+    if m.lora.dropout != 0.0:  # the pure loss functions take no RNG yet
+        raise ConfigError(f"model.lora.dropout={m.lora.dropout} is not supported yet: use 0.0")
     if m.load_in_4bit and m.lora.rank == 0:
         raise ConfigError("model.load_in_4bit=true needs adapters to train: set model.lora.rank > 0")
     _choice("data.kind", d.kind, ("sft", "rl"))

@@ -7,6 +7,7 @@ from typing import Optional
 from jax.sharding import Mesh
 
 from atlas_jax.config import ModelConfig
+from atlas_jax.models import lora, quant
 from atlas_jax.models.build import init_model, param_count, param_shardings
 from atlas_jax.models.decoder import Decoder, KVCache
 from atlas_jax.models.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
@@ -14,10 +15,15 @@ from atlas_jax.models.tokenizer import load_tokenizer, render_chat
 
 
 def load_model(cfg: ModelConfig, *, mesh: Optional[Mesh] = None, seed: int = 0) -> Decoder:
-    """Random init when cfg.model_name_or_path is None, else the checkpoint it names."""
+    """Random init when cfg.model_name_or_path is None, else the checkpoint it names;
+    with cfg.load_in_4bit the layer projections are then stored as NF4 (models/quant.py)."""
     if cfg.model_name_or_path is None:
-        return init_model(cfg, mesh=mesh, seed=seed)
-    return from_pretrained(cfg.model_name_or_path, dtype=cfg.dtype, mesh=mesh, config=cfg)
+        model = init_model(cfg, mesh=mesh, seed=seed)
+    else:
+        model = from_pretrained(cfg.model_name_or_path, dtype=cfg.dtype, mesh=mesh, config=cfg)
+    if cfg.load_in_4bit:
+        quant.quantize_model(model)
+    return model
 
 
 __all__ = ["Decoder", "KVCache", "init_model", "from_pretrained", "load_model", "save_pretrained",

@@ -24,17 +24,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from atlas_jax.config import ModelConfig
+from atlas_jax.models import lora, quant
 
-# remat name -> what the backward pass keeps from the forward (None = no rematerialisation)
+# remat name (says what the backward pass keeps from each layer's forward) -> jax policy
 REMAT_POLICIES = {
-    "none": None,
-    # keep weight matmul outputs, recompute attention and elementwise ops
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # keep every matmul output including attention scores
-    "save_dots": jax.checkpoint_policies.dots_saveable,
-    # keep only each layer's input (the scan carry); recompute the whole layer
-    "full": jax.checkpoint_policies.nothing_saveable,
+    "none": None,  # no rematerialisation: every intermediate is kept
+    # outputs of x @ W (projections, MLP, adapters); attention and elementwise ops recomputed
+    "save_weight_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # every matmul output, attention scores and weighted values included
+    "save_all_matmuls": jax.checkpoint_policies.dots_saveable,
+    # only each layer's input (the scan carry); the whole layer is recomputed
+    "save_layer_inputs": jax.checkpoint_policies.nothing_saveable,
 }
+# the older names, kept so existing configs keep working
+REMAT_POLICIES.update(minimal=REMAT_POLICIES["save_weight_matmuls"],
+                      save_dots=REMAT_POLICIES["save_all_matmuls"], full=REMAT_POLICIES["save_layer_inputs"])
 
 
 @jax.tree_util.register_dataclass
@@ -124,6 +128,8 @@ class DecoderLayers(nnx.Module):
         self.gate_proj = _param(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), pd)
         self.up_proj = _param(rngs.params(), (L, D, F), ("layers", "embed", "mlp"), pd)
         self.down_proj = _param(rngs.params(), (L, F, D), ("layers", "mlp", "embed"), pd)
+        if cfg.lora.rank > 0:
+            lora.add_adapters(self, cfg, rngs)
 
     def __call__(self, cfg, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache: Optional[KVCache]):
         params = {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
@@ -132,8 +138,8 @@ class DecoderLayers(nnx.Module):
         def body(carry, layer):
             x, kv = carry
             p, l = layer
-            x, kv = _block(cfg, {k: v.astype(dtype) for k, v in p.items()}, x, cos_BTH, sin_BTH,
-                           mask_BTS, kv, l)
+            # one layer at a time: 4-bit projections are dequantised here, inside the scan
+            x, kv = _block(cfg, quant.layer_weights(p, dtype), x, cos_BTH, sin_BTH, mask_BTS, kv, l)
             return (x, kv), None
 
         policy = REMAT_POLICIES[cfg.remat]
@@ -154,9 +160,9 @@ class DecoderLayers(nnx.Module):
 def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l):
     """One pre-norm block: attention + SwiGLU MLP. `kv` = (k cache, v cache, write index)."""
     h_BTD = rms_norm(x_BTD, p["input_norm"], cfg.rms_norm_eps)
-    q_BTNH = jnp.einsum("BTD,DNH->BTNH", h_BTD, p["q_proj"])
-    k_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, p["k_proj"])
-    v_BTKH = jnp.einsum("BTD,DKH->BTKH", h_BTD, p["v_proj"])
+    q_BTNH = lora.project(cfg, p, "q_proj", "BTD,DNH->BTNH", h_BTD)
+    k_BTKH = lora.project(cfg, p, "k_proj", "BTD,DKH->BTKH", h_BTD)
+    v_BTKH = lora.project(cfg, p, "v_proj", "BTD,DKH->BTKH", h_BTD)
     if cfg.attention_bias:
         q_BTNH, k_BTKH, v_BTKH = q_BTNH + p["q_bias"], k_BTKH + p["k_bias"], v_BTKH + p["v_bias"]
     if cfg.qk_norm:
@@ -176,11 +182,11 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l):
     out_BTNH = jax.nn.dot_product_attention(
         q_BTNH, k_BTKH.astype(q_BTNH.dtype), v_BTKH.astype(q_BTNH.dtype),
         mask=mask_BTS[:, None], scale=cfg.resolved_head_dim ** -0.5)
-    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", out_BTNH, p["o_proj"])
+    x_BTD = x_BTD + lora.project(cfg, p, "o_proj", "BTNH,NHD->BTD", out_BTNH)
     h_BTD = rms_norm(x_BTD, p["post_attention_norm"], cfg.rms_norm_eps)
-    gate_BTF = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h_BTD, p["gate_proj"]))
-    up_BTF = jnp.einsum("BTD,DF->BTF", h_BTD, p["up_proj"])
-    x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", gate_BTF * up_BTF, p["down_proj"])
+    gate_BTF = jax.nn.silu(lora.project(cfg, p, "gate_proj", "BTD,DF->BTF", h_BTD))
+    up_BTF = lora.project(cfg, p, "up_proj", "BTD,DF->BTF", h_BTD)
+    x_BTD = x_BTD + lora.project(cfg, p, "down_proj", "BTF,FD->BTD", gate_BTF * up_BTF)
     return x_BTD, kv
 
 
