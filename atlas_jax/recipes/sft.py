@@ -21,8 +21,8 @@ from atlas_jax import parallel
 from atlas_jax.config import TrainConfig, accumulation_steps, to_yaml
 from atlas_jax.data import sft_batches, sft_num_examples, to_global
 from atlas_jax.data.sft import row_length
-from atlas_jax.models import load_model, load_tokenizer, param_count, save_pretrained
-from atlas_jax.train import loop, metrics as metrics_lib, sft
+from atlas_jax.models import load_model, load_tokenizer, lora, param_count, save_pretrained
+from atlas_jax.train import loop, metrics as metrics_lib, offload, sft
 from atlas_jax.train.checkpoint import Checkpointer, resolve
 from atlas_jax.train.optim import make_optimizer, make_schedule
 from atlas_jax.train.state import abstract_of, create_train_state
@@ -37,7 +37,8 @@ def run(cfg: TrainConfig, mesh) -> dict:
     # 1. Model and tokenizer.
     model = load_model(cfg.model, mesh=mesh, seed=cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    graphdef, params = nnx.split(model, nnx.Param)
+    # with LoRA only the adapters are trained; the frozen base rides along, never copied
+    graphdef, params, frozen = lora.split_trainable(model)
     del model  # params now live in the train state only
 
     # 2. Train batches (repeating; the step count decides when to stop).
@@ -48,6 +49,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
     # 3. Optimizer, state, resume.
     optimizer, schedule = make_optimizer(t, total), make_schedule(t, total)
     state, shardings = create_train_state(params, optimizer, mesh, seed=cfg.seed)
+    state, shardings, frozen = offload.apply(state, shardings, frozen, offload.resolve(t.offload, mesh))
     checkpointer = Checkpointer(str(out / "checkpoints"), save_steps=t.save_steps, max_to_keep=t.save_total_limit)
     resume_dir, resume_step = (str(out / "checkpoints"), None) if checkpointer.latest_step() is not None \
         else resolve(cfg.resume_from) if cfg.resume_from else (None, None)
@@ -62,13 +64,15 @@ def run(cfg: TrainConfig, mesh) -> dict:
     # 4. Update step and eval.
     accum = accumulation_steps(b.global_batch_size, b.micro_batch_size, parallel.data_parallel_size(mesh))
     train_step = make_train_step(sft.make_sft_loss(graphdef), optimizer, accum_steps=accum, mesh=mesh,
-                                 state_shardings=shardings, schedule=schedule)
-    eval_step = sft.make_eval_step(graphdef, mesh, shardings.params)
+                                 state_shardings=shardings, schedule=schedule, frozen=frozen,
+                                 combine=lora.combine)
+    full = lambda p: lora.full_params(p, frozen)  # noqa: E731
+    eval_step = sft.make_eval_step(graphdef, mesh, jax.tree.map(lambda x: x.sharding, full(state.params)))
 
     def evaluate(state):
         rows = sft_batches(cfg.data, tokenizer, split="eval", batch_size=b.eval_batch_size, seed=cfg.seed,
                            num_epochs=1)
-        return sft.evaluate(eval_step, state.params, (to_global(r, mesh) for r in rows))
+        return sft.evaluate(eval_step, full(state.params), (to_global(r, mesh) for r in rows))
 
     has_eval = cfg.data.eval_split is not None or cfg.data.eval_split_ratio > 0
 
@@ -91,7 +95,8 @@ def run(cfg: TrainConfig, mesh) -> dict:
     hf_dir = None
     if t.save_final_model and result.stopped_by == "max_steps":
         hf_dir = str(out / "hf")
-        save_pretrained(nnx.merge(graphdef, result.state.params), hf_dir, tokenizer=tokenizer)
+        model = nnx.merge(graphdef, full(result.state.params))
+        save_pretrained(lora.merge_adapters(model) if frozen is not None else model, hf_dir, tokenizer=tokenizer)
     print(f"{cfg.run}: {result.step} steps ({result.stopped_by}); outputs in {out} "
           f"(config.yaml, metrics.jsonl, checkpoints/{', hf/' if hf_dir else ''})", flush=True)
     return {"output_dir": str(out), "checkpoints": str(out / "checkpoints"), "hf_dir": hf_dir,

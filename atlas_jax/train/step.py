@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atlas_jax import parallel
+from atlas_jax.train import offload
 from atlas_jax.train.state import TrainState
 
 LossFn = Callable[[Any, Any, Any, Any], tuple[jax.Array, dict]]
@@ -52,19 +53,31 @@ def split_micro_batches(tree, accum_steps: int, mesh: Mesh):
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, accum_steps: int,
                     mesh: Mesh, state_shardings: TrainState,
                     totals_fn: TotalsFn = loss_mask_totals,
-                    schedule: Optional[optax.Schedule] = None) -> Callable:
+                    schedule: Optional[optax.Schedule] = None, frozen: Any = None,
+                    combine: Optional[Callable[[Any, Any], Any]] = None) -> Callable:
     """Returns `step(state, batch, extras=None) -> (state, metrics)`, jitted once.
 
     The global batch (and extras) arrive sharded over the data axes; the state is donated.
     metrics: every `metric_sums` key, plus loss, grad_norm, learning_rate (when `schedule`
     is given), tokens (B x T processed) and the totals.
+
+    frozen: parameters that are used but never trained (a LoRA base). Every call passes
+    them to the jitted step as an argument (not a baked-in constant, not donated, no
+    gradient, no optimizer state); loss_fn then sees `combine(state.params, frozen)`.
+    Optimizer-state shardings in pinned_host memory (train/offload.py) are fetched to the
+    device for the update; the out_shardings put the new state back on the host.
     """
     param_shardings = state_shardings.params
+    frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
 
-    def step(state: TrainState, batch, extras):
+    def step(state: TrainState, batch, extras, frozen):
         totals = totals_fn(batch, extras)
         micro = split_micro_batches((batch, extras), accum_steps, mesh)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if frozen is None:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        else:
+            frozen = offload.fetch(frozen, frozen_shardings)
+            grad_fn = jax.value_and_grad(lambda p, *a: loss_fn(combine(p, frozen), *a), has_aux=True)
 
         def accumulate(carry, micro_batch_and_extras):
             grads_sum, metrics_sum = carry
@@ -75,13 +88,14 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             return (grads_sum, jax.tree.map(jnp.add, metrics_sum, metrics)), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        metric_shapes = jax.eval_shape(lambda: {**loss_fn(state.params, *first, totals)[1], "loss": 0.0})
+        metric_shapes = jax.eval_shape(lambda: {**grad_fn(state.params, *first, totals)[0][1], "loss": 0.0})
         zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
         zeros_grads = jax.tree.map(jnp.zeros_like, state.params)
         (grads, metrics), _ = jax.lax.scan(accumulate, (zeros_grads, zeros_metrics), micro)
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
 
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        opt_state = offload.fetch(state.opt_state, state_shardings.opt_state)
+        updates, opt_state = optimizer.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, **totals, "grad_norm": optax.global_norm(grads),
                    "tokens": jnp.float32(batch.tokens.size)}
@@ -91,11 +105,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         return new_state, metrics
 
     data = NamedSharding(mesh, P(parallel.DATA_AXES))
-    jitted = jax.jit(step, in_shardings=(state_shardings, data, data),
+    jitted = jax.jit(step, in_shardings=(state_shardings, data, data, frozen_shardings),
                      out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
 
     def train_step(state: TrainState, batch, extras=None):
-        return jitted(state, batch, extras)
+        return jitted(state, batch, extras, frozen)
 
     train_step.jitted = jitted
     return train_step
