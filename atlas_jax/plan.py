@@ -2,8 +2,10 @@
 
 Batch arithmetic (global = micro x data-parallel ways x accumulation), the parameter
 count of the model preset, and an estimate of bytes per device for parameters,
-gradients, optimizer state and activations. The estimate is deliberately analytic
-(no compilation), so it is instant for an 8B preset on a laptop.
+gradients, optimizer state and activations in the run's mode: full fine-tuning, LoRA
+(only adapters have gradients and Adam moments) or QLoRA (the frozen projections in NF4).
+The estimate is deliberately analytic (no compilation), so it is instant for an 8B preset
+on a laptop; tests/test_plan.py holds it to the compiled step's memory analysis.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from atlas_jax.config import ModelConfig, TrainConfig, accumulation_steps
-from atlas_jax.models import param_count
+from atlas_jax.models import param_count, quant
+from atlas_jax.train.sft import CHUNK_T
 from atlas_jax.parallel import MESH_AXES, data_parallel_size
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -30,11 +33,48 @@ def _activation_elements_per_token(m: ModelConfig, tensor: int) -> tuple[float, 
     working = 4 * D + 2 * N * H + 2 * K * H + 4 * f  # every intermediate of one layer
     saved = {
         "none": working,
-        "minimal": N * H + 2 * K * H + 2 * f + 2 * D,  # matmul outputs only
-        "save_dots": N * H + 2 * K * H + 2 * f + 2 * D,
-        "full": D,  # the layer input only; the rest is recomputed
-    }[m.remat]
+        "save_weight_matmuls": N * H + 2 * K * H + 2 * f + 2 * D,  # x @ W outputs only
+        "save_all_matmuls": N * H + 2 * K * H + 2 * f + 2 * D,
+        "save_layer_inputs": D,  # the layer input only; the rest is recomputed
+    }[_REMAT_ALIASES.get(m.remat, m.remat)]
     return saved, working
+
+
+_REMAT_ALIASES = {"minimal": "save_weight_matmuls", "save_dots": "save_all_matmuls", "full": "save_layer_inputs"}
+
+
+def lora_param_count(m: ModelConfig) -> int:
+    """Adapter parameters: r x (fan_in + fan_out) per target projection and layer."""
+    D, F = m.hidden_size, m.intermediate_size
+    N, K, H = m.num_attention_heads, m.num_key_value_heads, m.resolved_head_dim
+    io = {"q_proj": (D, N * H), "k_proj": (D, K * H), "v_proj": (D, K * H), "o_proj": (N * H, D),
+          "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+    return m.num_hidden_layers * m.lora.rank * sum(sum(io[t]) for t in m.lora.target_modules)
+
+
+def projection_shapes(m: ModelConfig) -> dict:
+    """Stacked shapes of the seven layer projections (the ones NF4 stores)."""
+    L, D, F = m.num_hidden_layers, m.hidden_size, m.intermediate_size
+    N, K, H = m.num_attention_heads, m.num_key_value_heads, m.resolved_head_dim
+    return {"q_proj": (L, D, N, H), "k_proj": (L, D, K, H), "v_proj": (L, D, K, H), "o_proj": (L, N, H, D),
+            "gate_proj": (L, D, F), "up_proj": (L, D, F), "down_proj": (L, F, D)}
+
+
+def mode_of(m: ModelConfig) -> str:
+    return "qlora" if m.load_in_4bit else "lora" if m.lora.rank > 0 else "full"
+
+
+def weight_bytes(m: ModelConfig) -> tuple[float, int]:
+    """(bytes of all parameters, trained parameter count) for the model's mode."""
+    n, p_bytes = param_count(m), _BYTES[m.param_dtype]
+    if mode_of(m) == "full":
+        return n * p_bytes, n
+    n_lora = lora_param_count(m)
+    base = n * p_bytes
+    if m.load_in_4bit:
+        for name, shape in projection_shapes(m).items():
+            base += quant.quantized_bytes(shape, name) - float(np.prod(shape)) * p_bytes
+    return base + n_lora * p_bytes, n_lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +89,8 @@ class Plan:
     accumulation: int
     seq_len: int
     params: int
+    mode: str
+    trainable: int
     bytes_params: float
     bytes_grads: float
     bytes_optimizer: float
@@ -66,7 +108,8 @@ class Plan:
             f"devices        {self.devices} x {self.platform} in {self.processes} process(es); mesh {axes}",
             f"batch          global {self.global_batch} = micro {self.micro_batch} x data-parallel "
             f"{self.data_parallel} x accumulation {self.accumulation}; sequence length {self.seq_len}",
-            f"parameters     {self.params:,} ({self.params / 1e9:.2f} B)",
+            f"parameters     {self.params:,} ({self.params / 1e9:.2f} B); mode {self.mode}, "
+            f"trained {self.trainable:,}",
             "bytes/device   (estimate)",
             f"  params       {gib(self.bytes_params)}",
             f"  gradients    {gib(self.bytes_grads)}",
@@ -86,13 +129,18 @@ def make_plan(cfg: TrainConfig, mesh: Mesh) -> Plan:
     model_shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
     n = param_count(m)
     p_bytes = _BYTES[m.param_dtype]
+    all_bytes, trained = weight_bytes(m)
     rl = cfg.run in _RL_RUNS
     seq = (cfg.trainer.max_prompt_length + cfg.trainer.max_completion_length) if rl else cfg.data.max_length
     saved, working = _activation_elements_per_token(m, mesh.shape["tensor"])
     tokens = micro * seq
     act_bytes = _BYTES[m.dtype]
-    logits = tokens * m.vocab_size / mesh.shape["tensor"] * 4 * 2  # fp32 logits and their grad
+    # losses build fp32 logits CHUNK_T positions at a time: the chunk's logits, softmax, grad
+    logits = micro * min(seq, CHUNK_T) * m.vocab_size / mesh.shape["tensor"] * 4 * 3
     activations = tokens * act_bytes * (m.num_hidden_layers * saved + working) + logits
+    if m.load_in_4bit:  # one layer dequantised in compute dtype, forward and backward
+        layer = sum(float(np.prod(s[1:])) for s in projection_shapes(m).values())
+        activations += 2 * layer * act_bytes / model_shards
     return Plan(
         devices=mesh.devices.size,
         platform=np.asarray(mesh.devices).flat[0].platform,
@@ -104,8 +152,11 @@ def make_plan(cfg: TrainConfig, mesh: Mesh) -> Plan:
         accumulation=accum,
         seq_len=seq,
         params=n,
-        bytes_params=n * p_bytes / model_shards,
-        bytes_grads=n * p_bytes / model_shards,
-        bytes_optimizer=2 * n * p_bytes / model_shards,  # Adam's two moments
+        mode=mode_of(m),
+        trainable=trained,
+        bytes_params=all_bytes / model_shards,
+        # the accumulated sum plus one micro-batch's gradient, trained params only
+        bytes_grads=2 * trained * p_bytes / model_shards,
+        bytes_optimizer=2 * trained * p_bytes / model_shards,  # Adam's two moments
         bytes_activations=activations,
     )
