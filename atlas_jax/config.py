@@ -238,10 +238,9 @@ class TrainConfig:
 
 RUNS = ("teacher_sft", "teacher_rcl", "grpo", "evaluate", "export", "quickstart")
 DTYPES = ("float32", "bfloat16", "float16")
-# What the backward pass keeps from each layer's forward (the rest is recomputed); the
-# aliases "minimal", "save_dots" and "full" are the older names (models/decoder.py).
-REMAT_POLICIES = ("none", "save_weight_matmuls", "save_all_matmuls", "save_layer_inputs",
-                  "minimal", "save_dots", "full")
+# What the backward pass keeps from each layer's forward; the rest is recomputed
+# (models/decoder.py maps each name to a jax.checkpoint policy).
+REMAT_POLICIES = ("none", "save_weight_matmuls", "save_all_matmuls", "save_layer_inputs")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULES = ("constant", "cosine", "linear")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")

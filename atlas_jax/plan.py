@@ -36,11 +36,8 @@ def _activation_elements_per_token(m: ModelConfig, tensor: int) -> tuple[float, 
         "save_weight_matmuls": N * H + 2 * K * H + 2 * f + 2 * D,  # x @ W outputs only
         "save_all_matmuls": N * H + 2 * K * H + 2 * f + 2 * D,
         "save_layer_inputs": D,  # the layer input only; the rest is recomputed
-    }[_REMAT_ALIASES.get(m.remat, m.remat)]
+    }[m.remat]
     return saved, working
-
-
-_REMAT_ALIASES = {"minimal": "save_weight_matmuls", "save_dots": "save_all_matmuls", "full": "save_layer_inputs"}
 
 
 def lora_param_count(m: ModelConfig) -> int:

@@ -2,7 +2,7 @@
 
     python bench/sft_step.py                                   # qwen3_33m, batch 8 x 256, CPU
     python bench/sft_step.py --model qwen3_1_7b --length 4096 --batch 8 --dtype bfloat16 \
-        --micro-batch 1 --remat full --skip-torch               # the H100 target (issue 6)
+        --micro-batch 1 --remat save_layer_inputs --skip-torch             # the H100 target (issue 6)
 
 Prints one table: tokens/s of a full optimizer step (forward, backward, AdamW update) for
 each implementation on the same config and batch, our achieved FLOP/s (6N + attention per

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -36,27 +36,41 @@ REMAT_POLICIES = {
     # only each layer's input (the scan carry); the whole layer is recomputed
     "save_layer_inputs": jax.checkpoint_policies.nothing_saveable,
 }
-# the older names, kept so existing configs keep working
-REMAT_POLICIES.update(minimal=REMAT_POLICIES["save_weight_matmuls"],
-                      save_dots=REMAT_POLICIES["save_all_matmuls"], full=REMAT_POLICIES["save_layer_inputs"])
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Preallocated keys/values for every layer; slots [0, index) are filled."""
+    """Preallocated keys/values for every layer; slots [0, index) are filled.
 
-    k_LBSKH: jax.Array
-    v_LBSKH: jax.Array
+    Each layer's keys and values are stored heads-major, [B, K, S, H], so attention reads the
+    slots without a transpose. Scanned layers keep them stacked, [L, B, K, S, H]; unrolled
+    layers keep a tuple of L arrays, one buffer per layer, which a decode loop updates and
+    reads in place (slicing a layer out of a stack would copy it every step).
+    """
+
+    k_LBKSH: Union[jax.Array, tuple]
+    v_LBKSH: Union[jax.Array, tuple]
     segment_ids_BS: jax.Array  # 0 = empty or padding: never attended by real tokens
     index: jax.Array  # int32 scalar: the slot the next token is written to
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
-        shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.resolved_head_dim)
+        L, shape = cfg.num_hidden_layers, (batch, cfg.num_key_value_heads, slots, cfg.resolved_head_dim)
         dtype = jnp.dtype(cfg.dtype)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, slots), jnp.int32), jnp.zeros((), jnp.int32))
+        if cfg.scan_layers:
+            k, v = jnp.zeros((L, *shape), dtype), jnp.zeros((L, *shape), dtype)
+        else:
+            k, v = tuple(jnp.zeros(shape, dtype) for _ in range(L)), tuple(jnp.zeros(shape, dtype) for _ in range(L))
+        return cls(k, v, jnp.zeros((batch, slots), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def _stacked(kv):
+    return jnp.stack(kv) if isinstance(kv, (tuple, list)) else kv
+
+
+def _per_layer(kv):
+    return list(kv) if isinstance(kv, (tuple, list)) else [kv[l] for l in range(kv.shape[0])]
 
 
 def _param(key, shape, axes, dtype, init="normal"):
@@ -131,7 +145,13 @@ class DecoderLayers(nnx.Module):
         if cfg.lora.rank > 0:
             lora.add_adapters(self, cfg, rngs)
 
-    def __call__(self, cfg, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache: Optional[KVCache]):
+    def unstacked(self) -> list:
+        """Each layer's raw variables, sliced out of the stack: a decode loop takes them once,
+        outside the loop, since XLA materialises a slice (a copy) every time one is taken."""
+        params = {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+        return [jax.tree.map(lambda a: a[l], params) for l in range(self.input_norm.shape[0])]
+
+    def __call__(self, cfg, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache: Optional[KVCache], layer_params=None):
         params = {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
         dtype = jnp.dtype(cfg.dtype)
 
@@ -145,15 +165,21 @@ class DecoderLayers(nnx.Module):
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH, cache.index)
         layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-        if cfg.scan_layers:
+        if cfg.scan_layers and layer_params is None:
+            kv = None if cache is None else (_stacked(cache.k_LBKSH), _stacked(cache.v_LBKSH), cache.index)
             (x_BTD, kv), _ = jax.lax.scan(body, (x_BTD, kv), (params, layer_ids))
-        else:  # unrolled: same body, for debugging or tiny depth
+        else:  # unrolled: same body, one cache buffer per layer; decode loops, debugging, tiny depth
+            layer_params = self.unstacked() if layer_params is None else layer_params
+            ks, vs = (None, None) if cache is None else (_per_layer(cache.k_LBKSH), _per_layer(cache.v_LBKSH))
             for l in range(cfg.num_hidden_layers):
-                (x_BTD, kv), _ = body((x_BTD, kv), (jax.tree.map(lambda a: a[l], params), layer_ids[l]))
+                kv = None if cache is None else (ks[l], vs[l], cache.index)
+                (x_BTD, kv), _ = body((x_BTD, kv), (layer_params[l], layer_ids[l]))
+                if cache is not None:
+                    ks[l], vs[l] = kv[0], kv[1]
+            kv = None if cache is None else (tuple(ks), tuple(vs))
         if cache is not None:
-            cache = dataclasses.replace(cache, k_LBSKH=kv[0], v_LBSKH=kv[1])
+            cache = dataclasses.replace(cache, k_LBKSH=kv[0], v_LBKSH=kv[1])
         return x_BTD, cache
 
 
@@ -170,17 +196,15 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l):
         k_BTKH = rms_norm(k_BTKH, p["k_norm"], cfg.rms_norm_eps)
     q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
     k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
+    k_BSKH, v_BSKH = k_BTKH, v_BTKH
     if kv is not None:
-        # write this step's keys into layer l's slots [index, index+T), then attend to all slots
+        # write this step's keys at slots [index, index+T), then attend to all slots
         k_cache, v_cache, index = kv
-        zero = jnp.zeros((), jnp.int32)
-        start = (l, zero, index, zero, zero)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k_BTKH[None].astype(k_cache.dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTKH[None].astype(v_cache.dtype), start)
-        k_BTKH, v_BTKH = k_cache[l], v_cache[l]
+        k_cache, k_BSKH = _cache_write(k_cache, k_BTKH, index, l)
+        v_cache, v_BSKH = _cache_write(v_cache, v_BTKH, index, l)
         kv = (k_cache, v_cache, index)
     out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH, k_BTKH.astype(q_BTNH.dtype), v_BTKH.astype(q_BTNH.dtype),
+        q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype),
         mask=mask_BTS[:, None], scale=cfg.resolved_head_dim ** -0.5)
     x_BTD = x_BTD + lora.project(cfg, p, "o_proj", "BTNH,NHD->BTD", out_BTNH)
     h_BTD = rms_norm(x_BTD, p["post_attention_norm"], cfg.rms_norm_eps)
@@ -188,6 +212,19 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l):
     up_BTF = lora.project(cfg, p, "up_proj", "BTD,DF->BTF", h_BTD)
     x_BTD = x_BTD + lora.project(cfg, p, "down_proj", "BTF,FD->BTD", gate_BTF * up_BTF)
     return x_BTD, kv
+
+
+def _cache_write(cache, new_BTKH, index, l):
+    """Writes T new slots at `index` into one layer's [B, K, S, H] buffer, or into layer l of
+    the stacked [L, B, K, S, H] one; returns (cache, the layer's slots as a [B, S, K, H] view:
+    XLA folds that transpose into the attention dots, so the slots are read in place)."""
+    zero = jnp.zeros((), jnp.int32)
+    new_BKTH = jnp.swapaxes(new_BTKH, 1, 2).astype(cache.dtype)
+    if cache.ndim == 4:
+        cache = jax.lax.dynamic_update_slice(cache, new_BKTH, (zero, zero, index, zero))
+        return cache, jnp.swapaxes(cache, 1, 2)
+    cache = jax.lax.dynamic_update_slice(cache, new_BKTH[None], (l, zero, zero, index, zero))
+    return cache, jnp.swapaxes(cache[l], 1, 2)
 
 
 def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
@@ -241,11 +278,13 @@ class Decoder(nnx.Module):
                           preferred_element_type=jnp.float32)
 
     def forward_with_cache(self, input_ids_BT, cache: Optional[KVCache], *, attention_mask_BT=None,
-                           positions_BT=None, segment_ids_BT=None):
+                           positions_BT=None, segment_ids_BT=None, layer_params=None):
         """Runs the stack; with a cache, writes T new slots at cache.index and advances it.
 
         Returns (final normed x_BTD, cache). Tokens attend to earlier slots/tokens of the same
         segment only (segment 0 = padding). Packed rows must pass positions_BT explicitly.
+        `layer_params` (from `self.layers.unstacked()`) runs the layers unrolled on weights
+        sliced once by the caller: decode loops pass them so no step copies a layer's weights.
         """
         cfg = self.config
         B, T = input_ids_BT.shape
@@ -272,7 +311,7 @@ class Decoder(nnx.Module):
             kv_idx_S[None, None, :] <= q_idx_T[None, :, None])
 
         x_BTD = self.embed[...].astype(self.dtype)[input_ids_BT]
-        x_BTD, cache = self.layers(cfg, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache)
+        x_BTD, cache = self.layers(cfg, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache, layer_params)
         if cache is not None:
             cache = dataclasses.replace(cache, index=cache.index + T)
         return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps), cache

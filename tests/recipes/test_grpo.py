@@ -1,4 +1,4 @@
-"""Plain GRPO (+run=grpo) with one rollout serving several updates."""
+"""Plain GRPO (+run=grpo) with LoRA, one rollout serving several updates."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import numpy as np
 from atlas_jax import parallel
 from atlas_jax.config import compose
 from atlas_jax.recipes import teacher_rcl
+from atlas_jax.train.checkpoint import Checkpointer
 
 
-def test_one_rollout_serves_aggregation_x_iterations_updates(tmp_path):
-    cfg = compose(["+run=grpo", "model=tiny", "data=synthetic_math_rl", "batch=quickstart",
+def test_lora_grpo_one_rollout_serves_aggregation_x_iterations_updates(tmp_path):
+    cfg = compose(["+run=grpo", "model=tiny", "data=synthetic_math_rl", "batch=quickstart", "model.lora.rank=4",
                    "trainer.max_steps=4", "trainer.num_generations=4", "trainer.num_iterations=2",
                    "trainer.generation_aggregation_steps=2", "trainer.max_prompt_length=128",
                    "trainer.max_completion_length=8", "trainer.learning_rate=1e-2", "trainer.eval_steps=100",
@@ -30,3 +31,7 @@ def test_one_rollout_serves_aggregation_x_iterations_updates(tmp_path):
     # the second pass over a chunk sees a policy that has moved: rho != 1 there
     assert rows[0]["kl"] >= 0 and np.isfinite([r["loss"] for r in rows]).all()
     assert rows[1]["grad_norm"] != rows[0]["grad_norm"]
+    # with LoRA the reference is the base with adapters off: KL starts at exactly 0 and grows
+    assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] > 0.0
+    saved = Checkpointer(str(tmp_path / "checkpoints"), save_steps=1, max_to_keep=None, read_only=True)
+    assert saved.latest_step() == 4
