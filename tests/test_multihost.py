@@ -13,12 +13,12 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
-import portpicker
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
@@ -34,11 +34,17 @@ SFT = ["+run=teacher_sft", "model=tiny", "data=synthetic_math_sft", "batch=quick
 TIMEOUT_S = 240  # each run takes ~30-60 s on 2 cores; a hung collective must not hang the suite
 
 
+def _free_port() -> int:
+    with socket.socket() as s:  # the OS picks an unused port; it stays free for the few seconds we need
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHON=sys.executable,
-               PORT=str(portpicker.pick_unused_port()))
+               PORT=str(_free_port()))
     return env
 
 
