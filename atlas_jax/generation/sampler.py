@@ -49,8 +49,9 @@ def _constrain(x, mesh: Optional[Mesh], spec: P):
 
 
 def _cache_spec(mesh: Mesh, kv_heads: int) -> P:
+    """One layer's [B, K, S, H] buffer: rows over the data axes, kv heads over tensor."""
     tensor = "tensor" if kv_heads % mesh.shape["tensor"] == 0 else None
-    return P(None, parallel.DATA_AXES, None, tensor, None)
+    return P(parallel.DATA_AXES, tensor, None, None)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "budget", "num_samples", "sort", "mesh", "unroll_layers"))
@@ -59,9 +60,10 @@ def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_i
     TRACES["count"] += 1
     model: Decoder = nnx.merge(graphdef, params)
     if unroll_layers:
-        # a scanned stack slices (copies) each layer's weights out every step; decode is
-        # memory-bound, so reading the weights in place is worth a longer compile
+        # slicing a layer out of the stacked weights or cache copies it: take each layer's
+        # weights once, here, and give each layer its own cache buffer, updated in place
         model.config = dataclasses.replace(model.config, scan_layers=False)
+    layers = model.layers.unstacked() if unroll_layers else None
     cfg = model.config
     B, T = ids_BT.shape
     G, R = num_samples, B * num_samples
@@ -69,16 +71,19 @@ def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_i
     cache = KVCache.empty(cfg, B, T + budget)
     if mesh is not None:
         spec = _cache_spec(mesh, cfg.num_key_value_heads)
-        cache = dataclasses.replace(cache, k_LBSKH=_constrain(cache.k_LBSKH, mesh, spec),
-                                    v_LBSKH=_constrain(cache.v_LBSKH, mesh, spec))
-    x_BTD, cache = model.forward_with_cache(ids_BT, cache, attention_mask_BT=mask_BT)
+        spec = P(None, *spec) if cfg.scan_layers else spec
+        cache = dataclasses.replace(cache, k_LBKSH=jax.tree.map(lambda a: _constrain(a, mesh, spec), cache.k_LBKSH),
+                                    v_LBKSH=jax.tree.map(lambda a: _constrain(a, mesh, spec), cache.v_LBKSH))
+    x_BTD, cache = model.forward_with_cache(ids_BT, cache, attention_mask_BT=mask_BT, layer_params=layers)
     logits_BV = model.logits(x_BTD[:, -1:])[:, 0]
 
     # G samples per prompt share one prefill: repeat its cache and last logits (prompt-major)
     def repeat(a, axis):
         return a if G == 1 else jnp.repeat(a, G, axis=axis)
 
-    cache = dataclasses.replace(cache, k_LBSKH=repeat(cache.k_LBSKH, 1), v_LBSKH=repeat(cache.v_LBSKH, 1),
+    rows_axis = 1 if cfg.scan_layers else 0
+    cache = dataclasses.replace(cache, k_LBKSH=jax.tree.map(lambda a: repeat(a, rows_axis), cache.k_LBKSH),
+                                v_LBKSH=jax.tree.map(lambda a: repeat(a, rows_axis), cache.v_LBKSH),
                                 segment_ids_BS=repeat(cache.segment_ids_BS, 0))
     logits_RV = repeat(logits_BV, 0)
     pos_R = repeat(jnp.sum(mask_BT, axis=1).astype(jnp.int32), 0)
@@ -101,7 +106,7 @@ def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_i
         lengths_R = lengths_R + (~done_R).astype(jnp.int32)
         done_R = done_R | jnp.isin(tok_R, eos_E)
         x_R1D, cache = model.forward_with_cache(tok_R[:, None], cache, positions_BT=pos_R[:, None],
-                                                segment_ids_BT=jnp.ones((R, 1), jnp.int32))
+                                                segment_ids_BT=jnp.ones((R, 1), jnp.int32), layer_params=layers)
         logits_RV = _constrain(model.logits(x_R1D)[:, 0], mesh, rows)
         return step + 1, logits_RV, cache, pos_R + 1, done_R, tokens_RS, logps_RS, lengths_R
 
@@ -128,7 +133,8 @@ def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, 
     the distribution sampled from (see atlas_jax.generation.sampling). With a mesh (or a
     model whose params are sharded) rows split over the data axes and weights keep their
     sharding; the outputs are global arrays. `unroll_layers` trades compile time (grows
-    with depth) for decode speed (weights read in place, not sliced out of the stack).
+    with depth) and one transient copy of the layer weights (sliced out of the stack once per
+    call) for decode speed: each step then reads the weights and its cache in place.
     """
     ids = np.asarray(input_ids, np.int32)
     mask = np.asarray(attention_mask, np.int32)
