@@ -46,7 +46,6 @@ def ours(preset: str, args) -> dict:
     from atlas_jax.data.batch import to_global
     from atlas_jax.generation import generate
     from atlas_jax.models import load_model
-    from atlas_jax.recipes.teacher_rcl import global_rows
     from atlas_jax.rl import policy
     from atlas_jax.rl.grpo import group_advantages
     from atlas_jax.rl.rollout import Completions, training_batch
@@ -79,7 +78,7 @@ def ours(preset: str, args) -> dict:
         batch_np, _ = training_batch(c, mask_truncated=False)  # every row runs the full budget
         advantages, _ = group_advantages(reward_even_share(tokens), G, t.scale_rewards)
         batch = to_global(batch_np, mesh)
-        extras = {"advantages": global_rows(np.asarray(advantages), mesh),
+        extras = {"advantages": parallel.global_rows(np.asarray(advantages), mesh),
                   "ref_logp": ref_logprobs(state.ref_params, batch)}
         jax.block_until_ready(extras)
         return batch, extras
