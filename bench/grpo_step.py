@@ -78,7 +78,8 @@ def ours(preset: str, args) -> dict:
         batch_np, _ = training_batch(c, mask_truncated=False)  # every row runs the full budget
         advantages, _ = group_advantages(reward_even_share(tokens), G, t.scale_rewards)
         batch = to_global(batch_np, mesh)
-        extras = {"advantages": parallel.global_rows(np.asarray(advantages), mesh),
+        advantages = jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, 1), np.asarray(advantages))
+        extras = {"advantages": advantages,
                   "ref_logp": ref_logprobs(state.ref_params, batch)}
         jax.block_until_ready(extras)
         return batch, extras
