@@ -103,6 +103,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXES, *([None] * (ndim - 1))))
 
 
+def global_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Process-local rows [b, ...] -> one global array, rows split over the data axes."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), np.asarray(x))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -10,7 +10,6 @@ The input never stalls training while (2) stays well above the consumer's rate p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import yaml

@@ -10,7 +10,6 @@ devices <= 1.3x the file size (measured above the process's RSS before loading).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys

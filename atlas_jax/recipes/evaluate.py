@@ -17,15 +17,24 @@ from tqdm.auto import tqdm
 
 from atlas_jax.config import TrainConfig
 from atlas_jax.data import rl_batches
-from atlas_jax.models import Decoder, load_tokenizer, param_shardings
-from atlas_jax.recipes.teacher_rcl import load_student, teacher_system
+from atlas_jax.models import Decoder, load_model, load_tokenizer, lora, param_shardings
 from atlas_jax.rl import rollout
+from atlas_jax.rl.student import load_student
 from atlas_jax.rl.report import teaching_report, write_report
 from atlas_jax.train.checkpoint import restore_params
+from atlas_jax.train.state import abstract_of
 
 
 def restore_teacher(cfg: TrainConfig, mesh) -> tuple[Decoder, int]:
-    """The checkpoint's policy parameters in a model built from cfg.model, on `mesh`."""
+    """The checkpoint's trained parameters in a model built from cfg.model, on `mesh`.
+
+    A full fine-tuning checkpoint holds every parameter; a LoRA one holds the adapters, and
+    the frozen base is loaded as training loaded it (model_name_or_path, or the seed).
+    """
+    if cfg.model.lora.rank > 0:
+        graphdef, adapters, frozen = lora.split_trainable(load_model(cfg.model, mesh=mesh, seed=cfg.seed))
+        params, step = restore_params(cfg.checkpoint, cfg.checkpoint_step, abstract_of(adapters))
+        return nnx.merge(graphdef, lora.combine(params, frozen)), step
     abstract = nnx.eval_shape(lambda: Decoder(cfg.model, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract, nnx.Param)
     shardings = param_shardings(state, mesh)
@@ -52,7 +61,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
         episodes.append(rollout.teaching_episode(
             teacher, student, tokenizer, student_tok, records[start:start + size], trainer=cfg.trainer,
             reward=cfg.reward, num_generations=1, temperature=0.0, seed=cfg.seed, mesh=mesh,
-            teacher_system=teacher_system(cfg)))
+            teacher_system=rollout.teacher_system(cfg.data)))
 
     # 4. Report.
     report = {**teaching_report(episodes), "checkpoint": str(cfg.checkpoint), "checkpoint_step": step}
@@ -67,6 +76,4 @@ def reference_teacher(cfg: TrainConfig, mesh):
     """The teacher before training (graphdef, params): the student when none is named."""
     if cfg.trainer.student_model is not None:
         return None, None
-    from atlas_jax.models import load_model
-
     return nnx.split(load_model(cfg.model, mesh=mesh, seed=cfg.seed), nnx.Param)

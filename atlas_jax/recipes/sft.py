@@ -22,10 +22,10 @@ from atlas_jax.config import TrainConfig, accumulation_steps, to_yaml
 from atlas_jax.data import sft_batches, sft_num_examples, to_global
 from atlas_jax.data.sft import row_length
 from atlas_jax.models import load_model, load_tokenizer, lora, param_count, save_pretrained
-from atlas_jax.train import loop, metrics as metrics_lib, offload, sft
-from atlas_jax.train.checkpoint import Checkpointer, resolve
+from atlas_jax.train import checkpoint, loop, metrics as metrics_lib, offload, sft
+from atlas_jax.train.checkpoint import Checkpointer
 from atlas_jax.train.optim import make_optimizer, make_schedule
-from atlas_jax.train.state import abstract_of, create_train_state
+from atlas_jax.train.state import create_train_state
 from atlas_jax.train.step import make_train_step
 
 
@@ -51,15 +51,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
     state, shardings = create_train_state(params, optimizer, mesh, seed=cfg.seed)
     state, shardings, frozen = offload.apply(state, shardings, frozen, offload.resolve(t.offload, mesh))
     checkpointer = Checkpointer(str(out / "checkpoints"), save_steps=t.save_steps, max_to_keep=t.save_total_limit)
-    resume_dir, resume_step = (str(out / "checkpoints"), None) if checkpointer.latest_step() is not None \
-        else resolve(cfg.resume_from) if cfg.resume_from else (None, None)
-    if resume_dir:
-        restored = Checkpointer(resume_dir, save_steps=t.save_steps, max_to_keep=None, read_only=True).restore(
-            abstract_of(state), step=resume_step)
-        state = restored["state"]
-        if restored["data_state"] is not None:
-            batches.set_state(restored["data_state"])
-        print(f"resumed from {resume_dir} at step {restored['step']}", flush=True)
+    state = checkpoint.resume(checkpointer, cfg.resume_from, state, batches)
 
     # 4. Update step and eval.
     accum = accumulation_steps(b.global_batch_size, b.micro_batch_size, parallel.data_parallel_size(mesh))

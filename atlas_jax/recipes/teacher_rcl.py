@@ -21,17 +21,18 @@ import numpy as np
 from flax import nnx
 
 from atlas_jax import parallel
-from atlas_jax.config import TrainConfig, accumulation_steps, model_preset, to_yaml
-from atlas_jax.data import ADAPTIVE_TEACHING_SYSTEM_PROMPT, rl_batches, rl_num_examples
+from atlas_jax.config import TrainConfig, accumulation_steps, to_yaml
+from atlas_jax.data import rl_batches, rl_num_examples
 from atlas_jax.data.batch import to_global
 from atlas_jax.models import load_model, load_tokenizer, lora
 from atlas_jax.rl import policy, rollout
 from atlas_jax.rl.grpo import group_advantages
-from atlas_jax.train import loop, metrics as metrics_lib, offload
-from atlas_jax.train.checkpoint import Checkpointer, resolve
+from atlas_jax.rl.samples import SampleWriter, sample_records
+from atlas_jax.rl.student import load_student
+from atlas_jax.train import checkpoint, loop, metrics as metrics_lib, offload
+from atlas_jax.train.checkpoint import Checkpointer
 from atlas_jax.train.optim import make_optimizer, make_schedule
 from atlas_jax.train.step import make_train_step
-from atlas_jax.train.state import abstract_of
 
 
 def run(cfg: TrainConfig, mesh) -> dict:
@@ -48,7 +49,8 @@ def run(cfg: TrainConfig, mesh) -> dict:
     # with LoRA only adapters train; the frozen base is also the reference (adapters off)
     graphdef, params, frozen = lora.split_trainable(teacher)
     full = lambda p: lora.full_params(p, frozen)  # noqa: E731
-    student, student_tok = load_student(cfg, mesh, graphdef, params, tokenizer, frozen) if teaching else (None, None)
+    student, student_tok = (load_student(cfg, mesh, graphdef, params, tokenizer, frozen) if teaching
+                            else (None, None))
 
     # 2. Prompts.
     prompts = rl_batches(cfg.data, split="train", batch_size=prompts_per_step * t.generation_aggregation_steps,
@@ -62,14 +64,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
                                               with_ref=t.beta > 0 and frozen is None)
     state, shardings, frozen = offload.apply(state, shardings, frozen, offload.resolve(t.offload, mesh))
     checkpointer = Checkpointer(str(out / "checkpoints"), save_steps=t.save_steps, max_to_keep=t.save_total_limit)
-    resume_dir, resume_step = (str(out / "checkpoints"), None) if checkpointer.latest_step() is not None \
-        else resolve(cfg.resume_from) if cfg.resume_from else (None, None)
-    if resume_dir:
-        restored = Checkpointer(resume_dir, save_steps=t.save_steps, max_to_keep=None, read_only=True).restore(
-            abstract_of(state), step=resume_step)
-        state = restored["state"]
-        if restored["data_state"] is not None:
-            prompts.set_state(restored["data_state"])
+    state = checkpoint.resume(checkpointer, cfg.resume_from, state, prompts)
 
     # 4. The step: rollout from the current policy, then the update.
     accum = accumulation_steps(cfg.batch.global_batch_size, cfg.batch.micro_batch_size,
@@ -91,7 +86,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
             return rollout.teaching_episode(model, student, tokenizer, student_tok, records, trainer=t,
                                             reward=cfg.reward, num_generations=num_generations,
                                             temperature=temperature, seed=seed, mesh=mesh,
-                                            teacher_system=teacher_system(cfg))
+                                            teacher_system=rollout.teacher_system(cfg.data))
         return rollout.answer_episode(model, tokenizer, records, trainer=t, reward=cfg.reward,
                                       num_generations=num_generations, temperature=temperature, seed=seed,
                                       mesh=mesh)
@@ -103,14 +98,14 @@ def run(cfg: TrainConfig, mesh) -> dict:
             records = next(prompts)
             ep = episode(full(state.params), records, cfg.seed * 1_000_003 + step,
                          num_generations=G, temperature=t.temperature)
-            samples.write(records_of(ep, records, G))
+            samples.write(sample_records(ep, records, G))
             advantages, group_std = group_advantages(ep.rewards, G, t.scale_rewards)
             batch_np, _ = rollout.training_batch(ep.policy, mask_truncated=t.mask_truncated_completions)
             stats = {**ep.metrics(), "frac_reward_zero_std": float(np.mean(np.asarray(group_std) < 1e-6))}
             updates = []
             for chunk in np.array_split(np.arange(len(ep.rewards)), t.generation_aggregation_steps):
                 batch = to_global(jax.tree.map(lambda x: x[chunk], batch_np), mesh)
-                extras = {"advantages": global_rows(np.asarray(advantages)[chunk], mesh)}
+                extras = {"advantages": parallel.global_rows(np.asarray(advantages)[chunk], mesh)}
                 if t.beta > 0:
                     extras["ref_logp"] = logprobs(reference(state), batch)
                 if t.num_iterations > 1:
@@ -150,23 +145,6 @@ def run(cfg: TrainConfig, mesh) -> dict:
             "metrics": result.last_metrics}
 
 
-def load_student(cfg: TrainConfig, mesh, graphdef, params, tokenizer, frozen=None):
-    """The frozen student: a preset or HF path, else a copy of the initial teacher (with
-    LoRA: the frozen base itself, adapters off, no copy)."""
-    if cfg.trainer.student_model is None and frozen is not None:
-        return nnx.merge(graphdef, lora.combine(lora.disabled(params), frozen)), tokenizer
-    if cfg.trainer.student_model is None:
-        frozen = jax.tree.map(lambda x: x.copy(), params)
-        return nnx.merge(graphdef, frozen), tokenizer
-    student_cfg = model_preset(cfg.trainer.student_model, numerics=cfg.model)
-    return load_model(student_cfg, mesh=mesh, seed=cfg.seed + 1), load_tokenizer(student_cfg)
-
-
-def teacher_system(cfg: TrainConfig) -> str:
-    """The system prompt SFT trained the teacher under, so RCL prompts it the same way."""
-    return cfg.data.system_prompt if cfg.data.system_prompt is not None else ADAPTIVE_TEACHING_SYSTEM_PROMPT
-
-
 def evaluation_records(cfg: TrainConfig) -> list:
     """The eval split's prompts, capped by data.max_eval_samples; [] when there is none."""
     if cfg.data.eval_split_ratio <= 0 and cfg.data.eval_split is None:
@@ -174,36 +152,3 @@ def evaluation_records(cfg: TrainConfig) -> list:
     size = cfg.data.max_eval_samples or cfg.batch.eval_batch_size
     batches = rl_batches(cfg.data, split="eval", batch_size=size, seed=cfg.seed, num_epochs=1)
     return [next(batches)]
-
-
-def global_rows(x: np.ndarray, mesh):
-    return jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, x.ndim), x)
-
-
-def records_of(ep, records: list[dict], G: int) -> list[dict]:
-    """One JSON-able record per trained sample, for completions.jsonl."""
-    rows = []
-    for i, text in enumerate(ep.policy.texts):
-        source = records[i // G]
-        row = {"prompt": source["prompt"], "ground_truth": source.get("ground_truth"),
-               "completion": text, "reward": float(ep.rewards[i])}
-        if isinstance(ep, rollout.TeachingEpisode):
-            row.update(approach=ep.probe.texts[i // G], guidance=rollout.rewards_lib.extract_teaching(text),
-                       solution_with_guidance=ep.with_teaching.texts[i],
-                       solution_baseline=ep.baseline.texts[i // G])
-        rows.append(row)
-    return rows
-
-
-class SampleWriter:
-    """Appends samples with reward >= 1, and a random share of the rest, to a JSONL file."""
-
-    def __init__(self, path: pathlib.Path, probability: float, seed: int):
-        self.path, self.probability = path, probability
-        self.rng = np.random.default_rng(seed)
-
-    def write(self, rows: list[dict]) -> None:
-        keep = [r for r in rows if r["reward"] >= 1.0 or self.rng.random() < self.probability]
-        if keep and jax.process_index() == 0:
-            with self.path.open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)

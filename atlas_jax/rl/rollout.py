@@ -18,7 +18,8 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax.config import RewardConfig, TrainerConfig
+from atlas_jax.config import DataConfig, RewardConfig, TrainerConfig
+from atlas_jax.data import ADAPTIVE_TEACHING_SYSTEM_PROMPT
 from atlas_jax.data.batch import Batch
 from atlas_jax.generation import generate
 from atlas_jax.rl import rewards as rewards_lib
@@ -37,6 +38,11 @@ class Completions:
     lengths: np.ndarray
     texts: list[str]
     truncated: np.ndarray  # bool [B]: the budget ran out before an end-of-sequence token
+
+
+def teacher_system(data: DataConfig) -> str:
+    """The system prompt SFT trained the teacher under, so RL prompts it the same way."""
+    return data.system_prompt if data.system_prompt is not None else ADAPTIVE_TEACHING_SYSTEM_PROMPT
 
 
 def eos_ids(tokenizer) -> list[int]:

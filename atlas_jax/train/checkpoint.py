@@ -14,13 +14,11 @@ import os
 from typing import Any, Optional
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
 from atlas_jax.config import UsageError
-
-from atlas_jax.config import UsageError
+from atlas_jax.train.state import abstract_of
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +131,26 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def resume(checkpointer: Checkpointer, resume_from: Optional[str], state, iterator):
+    """The state to start from: the run's own latest checkpoint, else `resume_from`, else `state`.
+
+    The input iterator is moved to where the restored step left it, so the resumed run sees
+    exactly the batches it would have seen.
+    """
+    if checkpointer.latest_step() is not None:
+        directory, step = checkpointer.directory, None
+    elif resume_from:
+        directory, step = resolve(resume_from)
+    else:
+        return state
+    restored = Checkpointer(directory, save_steps=checkpointer.save_steps, max_to_keep=None,
+                            read_only=True).restore(abstract_of(state), step=step)
+    if restored["data_state"] is not None:
+        iterator.set_state(restored["data_state"])
+    print(f"resumed from {directory} at step {restored['step']}", flush=True)
+    return restored["state"]
 
 
 def restore_params(checkpoint_dir: str, step: Optional[int], abstract_params) -> tuple[Any, int]:

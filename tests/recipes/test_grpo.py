@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
 import jax
 import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
 
 from atlas_jax import parallel
 from atlas_jax.config import compose
-from atlas_jax.recipes import teacher_rcl
+from atlas_jax.recipes import evaluate, export, teacher_rcl
 from atlas_jax.train.checkpoint import Checkpointer
 
 
@@ -35,3 +38,16 @@ def test_lora_grpo_one_rollout_serves_aggregation_x_iterations_updates(tmp_path)
     assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] > 0.0
     saved = Checkpointer(str(tmp_path / "checkpoints"), save_steps=1, max_to_keep=None, read_only=True)
     assert saved.latest_step() == 4
+
+    # the LoRA checkpoint holds adapters only; export merges them into the base
+    export_cfg = dataclasses.replace(cfg, run="export", checkpoint=str(tmp_path / "checkpoints"),
+                                     export_dir=str(tmp_path / "hf"))
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+    export.run(export_cfg, mesh)
+    ours, step = evaluate.restore_teacher(export_cfg, mesh)
+    tokens = np.random.default_rng(1).integers(0, cfg.model.vocab_size, (2, 10))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = theirs(torch.as_tensor(tokens)).logits.numpy()
+    assert step == 4
+    np.testing.assert_allclose(np.asarray(ours(tokens)), expected, atol=1e-4, rtol=0)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from atlas_jax.config import MeshConfig, ModelConfig, TrainerConfig

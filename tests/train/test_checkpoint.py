@@ -1,6 +1,5 @@
 """Checkpoints: cross-mesh restore, params-only restore, interrupted writes ignored."""
 
-import os
 import shutil
 
 import jax
