@@ -36,13 +36,30 @@ def filtered_logits(logits_BV, temperature, top_k, top_p, min_p, *, sort: bool):
     return jnp.where(probs_BV >= floor_B1, scaled_BV, neg_inf)
 
 
+def first_argmax(x_BV):
+    """argmax over the vocab (first index on ties), as a max then a min over matching indices:
+    XLA:CPU lowers jnp.argmax to a (value, index) reduce several times slower than these two."""
+    V = x_BV.shape[-1]
+    hit_BV = x_BV == jnp.max(x_BV, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(hit_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
 def sample_tokens(keys_B, logits_BV, temperature, top_k, top_p, min_p, *, sort: bool):
-    """(tokens_B int32, logprobs_B float32) for one decode step; one PRNG key per row."""
+    """(tokens_B int32, logprobs_B float32) for one decode step; one PRNG key per row.
+
+    A `lax.cond` on the traced temperature: greedy steps skip the noise and the filters."""
     logits_BV = logits_BV.astype(jnp.float32)
-    filtered_BV = filtered_logits(logits_BV, temperature, top_k, top_p, min_p, sort=sort)
-    sampled_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV)
-    greedy_B = jnp.argmax(logits_BV, axis=-1)
-    tokens_B = jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
-    logp_BV = jnp.where(temperature > 0, jax.nn.log_softmax(filtered_BV, axis=-1),
-                        jax.nn.log_softmax(logits_BV, axis=-1))
-    return tokens_B, jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]
+
+    def greedy(logits_BV):
+        # the argmax's log-prob is its logit (the max) minus the log-partition
+        return first_argmax(logits_BV), jnp.max(logits_BV, axis=-1) - jax.nn.logsumexp(logits_BV, axis=-1)
+
+    def sampled(logits_BV):
+        filtered_BV = filtered_logits(logits_BV, temperature, top_k, top_p, min_p, sort=sort)
+        # Gumbel-max, as jax.random.categorical draws it
+        gumbel_BV = jax.vmap(lambda k: jax.random.gumbel(k, logits_BV.shape[-1:], jnp.float32))(keys_B)
+        tokens_B = first_argmax(filtered_BV + gumbel_BV)
+        logp_BV = jax.nn.log_softmax(filtered_BV, axis=-1)
+        return tokens_B, jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]
+
+    return jax.lax.cond(temperature > 0, sampled, greedy, logits_BV)
