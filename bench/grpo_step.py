@@ -1,6 +1,7 @@
 """One GRPO step (rollout + update) of ours against TRL's GRPOTrainer, same model and shapes.
 
     python bench/grpo_step.py [--models tiny qwen3_33m --prompts 4 --G 8 --prompt-len 64 --new 64 --steps 3]
+    python bench/grpo_step.py --threads 1    # one thread each: steadier on a shared, busy CPU host
 
 Ours: `generation.generate` (G samples per prompt, one prefill), `rl.rollout.training_batch`,
 reference log-probs (beta 0.04), `rl.policy.make_grpo_loss` on `train.step.make_train_step`,
@@ -11,7 +12,7 @@ TRL min_new_tokens), so both process the same tokens. The reward is the share of
 token ids (any cheap host reward; it only has to vary within a group).
 
 rollout = sampling + reward + reference log-probs; update = the optimizer step. Steady-state
-times are the mean over --steps steps after a first one; for ours the first step's excess
+times are the median over --steps steps after a first one; for ours the first step's excess
 over steady state is reported as compile time. TRL is a bench-only dependency
 (`pip install trl`); without it only our rows are printed.
 """
@@ -93,8 +94,8 @@ def ours(preset: str, args) -> dict:
         state, metrics = update(state, batch, extras)
         jax.block_until_ready(metrics)
         updates.append(time.perf_counter() - start)
-    return summary(rollouts, updates, P * G, compile_s=rollouts[0] + updates[0] - np.mean(rollouts[1:])
-                   - np.mean(updates[1:]))
+    return summary(rollouts, updates, P * G, compile_s=rollouts[0] + updates[0] - np.median(rollouts[1:])
+                   - np.median(updates[1:]))
 
 
 def trl_step(preset: str, args) -> dict:
@@ -107,6 +108,8 @@ def trl_step(preset: str, args) -> dict:
     from atlas_jax.models import load_tokenizer
 
     m = compose(["+run=grpo", f"model={preset}"]).model
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(Qwen3Config(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -179,7 +182,7 @@ def text_of_length(tokenizer, rng, n: int, tries: int = 100) -> str:
 
 
 def summary(rollouts, updates, completions: int, *, compile_s) -> dict:
-    rollout, update = float(np.mean(rollouts[1:])), float(np.mean(updates[1:]))
+    rollout, update = float(np.median(rollouts[1:])), float(np.median(updates[1:]))  # robust to a busy host
     return {"rollout_s": rollout, "update_s": update, "completions_per_s": completions / (rollout + update),
             "first_step_s": rollouts[0] + updates[0], "compile_s": compile_s}
 
@@ -193,15 +196,21 @@ def main():
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--impls", nargs="+", default=["atlas_jax", "trl"])
+    parser.add_argument("--threads", type=int, default=0,
+                        help="1: one CPU thread for both (XLA without Eigen threads, torch 1 thread); "
+                             "on a shared, busy host PyTorch's OpenMP threads stall each other badly")
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.threads == 1:  # before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1").strip()
     have_trl = importlib.util.find_spec("trl") is not None
     if not have_trl:
         print("trl is not installed (pip install trl): printing atlas_jax rows only", flush=True)
 
     print(f"GRPO step: {args.prompts} prompts x G={args.G} = {args.prompts * args.G} completions, "
           f"prompt {args.prompt_len} tokens, {args.new} new tokens (no EOS), beta {BETA}, 1 CPU device; "
-          f"mean of {args.steps} steps after the first", flush=True)
+          f"median of {args.steps} steps after the first; threads: {args.threads or 'library default'}", flush=True)
     rows = []
     for preset in args.models:
         if "atlas_jax" in args.impls:
