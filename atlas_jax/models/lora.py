@@ -55,16 +55,24 @@ def add_adapters(layers: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
 
 
 def project(cfg: ModelConfig, p: dict, name: str, spec: str, x):
-    """einsum(spec, x, p[name]) plus the adapter's low-rank term when `name` has one."""
-    y = jnp.einsum(spec, x, p[name])
-    if name + A_SUFFIX not in p:
-        return y
-    x_spec, w_spec = spec.split("->")[0].split(",")
-    out_spec = spec.split("->")[1]
+    """einsum(spec, x, p[name]) plus the adapter's low-rank term when `name` has one.
+
+    Several trailing input axes (o_proj's heads x head_dim) are contracted as one flattened
+    axis X: given "BTNH,NHD->BTD", XLA:CPU transposed the whole weight on every call."""
+    (x_spec, w_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]
     n_in = quant.INPUT_AXES[name]
     in_letters, out_letters = w_spec[:n_in], w_spec[n_in:]
+    w, a = p[name], p.get(name + A_SUFFIX)
+    if n_in > 1 and x_spec.endswith(in_letters):
+        x = x.reshape(*x.shape[:-n_in], -1)
+        w = w.reshape(-1, *w.shape[n_in:])
+        a = None if a is None else a.reshape(-1, *a.shape[n_in:])
+        x_spec, in_letters = x_spec[:-n_in] + "X", "X"
+    y = jnp.einsum(f"{x_spec},{in_letters}{out_letters}->{out_spec}", x, w)
+    if a is None:
+        return y
     r_spec = "".join(c for c in x_spec if c not in in_letters) + "R"
-    x_R = jnp.einsum(f"{x_spec},{in_letters}R->{r_spec}", x, p[name + A_SUFFIX])
+    x_R = jnp.einsum(f"{x_spec},{in_letters}R->{r_spec}", x, a)
     return y + scale(cfg) * jnp.einsum(f"{r_spec},R{out_letters}->{out_spec}", x_R, p[name + B_SUFFIX])
 
 
