@@ -203,15 +203,31 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l):
         k_cache, k_BSKH = _cache_write(k_cache, k_BTKH, index, l)
         v_cache, v_BSKH = _cache_write(v_cache, v_BTKH, index, l)
         kv = (k_cache, v_cache, index)
-    out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype),
-        mask=mask_BTS[:, None], scale=cfg.resolved_head_dim ** -0.5)
+    k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+    if kv is not None and q_BTNH.shape[1] == 1:
+        out_BTNH = _attend_one_token(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.resolved_head_dim ** -0.5)
+    else:
+        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
+                                                scale=cfg.resolved_head_dim ** -0.5)
     x_BTD = x_BTD + lora.project(cfg, p, "o_proj", "BTNH,NHD->BTD", out_BTNH)
     h_BTD = rms_norm(x_BTD, p["post_attention_norm"], cfg.rms_norm_eps)
     gate_BTF = jax.nn.silu(lora.project(cfg, p, "gate_proj", "BTD,DF->BTF", h_BTD))
     up_BTF = lora.project(cfg, p, "up_proj", "BTD,DF->BTF", h_BTD)
     x_BTD = x_BTD + lora.project(cfg, p, "down_proj", "BTF,FD->BTD", gate_BTF * up_BTF)
     return x_BTD, kv
+
+
+def _attend_one_token(q_B1NH, k_BSKH, v_BSKH, mask_B1S, scale):
+    """dot_product_attention for one query token, values as a multiply + sum over S: XLA:CPU
+    ran that T=1 probs @ V as a slow generic batched dot. Same numerics (float32 softmax)."""
+    B, _, N, H = q_B1NH.shape
+    K = k_BSKH.shape[2]
+    q_BKGH = q_B1NH.reshape(B, K, N // K, H)
+    scores_BKGS = jnp.einsum("BKGH,BSKH->BKGS", q_BKGH, k_BSKH) * scale
+    scores_BKGS = jnp.where(mask_B1S[:, :, None], scores_BKGS, -0.7 * jnp.finfo(scores_BKGS.dtype).max)
+    probs_BKGS = jax.nn.softmax(scores_BKGS.astype(jnp.float32), axis=-1).astype(q_B1NH.dtype)
+    out_BKGH = jnp.sum(probs_BKGS[..., None] * jnp.swapaxes(v_BSKH, 1, 2)[:, :, None], axis=3)
+    return out_BKGH.reshape(B, 1, N, H)
 
 
 def _cache_write(cache, new_BTKH, index, l):
