@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -38,3 +41,29 @@ def rcl_run(tmp_path_factory):
         result = teacher_rcl.run(cfg, mesh)
     after = jax.device_get(nnx.state(seen["student"], nnx.Param))
     return cfg, result, seen["before"], after
+
+
+@pytest.fixture
+def export_and_compare():
+    """The function below: export a run's checkpoint and check transformers agrees with it."""
+    return _export_and_compare
+
+
+def _export_and_compare(cfg, export_dir) -> int:
+    """+run=export of cfg.checkpoint, then transformers' logits of the export against ours
+    (restored from the same checkpoint) on random tokens, to 1e-4. Returns the step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from atlas_jax.recipes import evaluate, export
+
+    cfg = dataclasses.replace(cfg, run="export", export_dir=str(export_dir))
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+    export.run(cfg, mesh)
+    ours, step = evaluate.restore_teacher(cfg, mesh)
+    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 12))
+    theirs = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = theirs(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(tokens)), expected, atol=1e-4, rtol=0)
+    return step
