@@ -65,6 +65,8 @@ def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_i
         model.config = dataclasses.replace(model.config, scan_layers=False)
     layers = model.layers.unstacked() if unroll_layers else None
     cfg = model.config
+    head = model.embed[...].T if cfg.tie_word_embeddings else model.lm_head[...]
+    head_DV = head.astype(model.dtype) if unroll_layers else None  # copied once, read every step
     B, T = ids_BT.shape
     G, R = num_samples, B * num_samples
     rows = P(parallel.DATA_AXES) if mesh is not None else None
@@ -107,7 +109,7 @@ def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_i
         done_R = done_R | jnp.isin(tok_R, eos_E)
         x_R1D, cache = model.forward_with_cache(tok_R[:, None], cache, positions_BT=pos_R[:, None],
                                                 segment_ids_BT=jnp.ones((R, 1), jnp.int32), layer_params=layers)
-        logits_RV = _constrain(model.logits(x_R1D)[:, 0], mesh, rows)
+        logits_RV = _constrain(model.logits(x_R1D, head_DV)[:, 0], mesh, rows)
         return step + 1, logits_RV, cache, pos_R + 1, done_R, tokens_RS, logps_RS, lengths_R
 
     state = (jnp.zeros((), jnp.int32), logits_RV, cache, pos_R, done_R,

@@ -284,9 +284,13 @@ class Decoder(nnx.Module):
                                            positions_BT=positions_BT, segment_ids_BT=segment_ids_BT)
         return x_BTD
 
-    def logits(self, x_BTD):
-        """x_BTD -> float32 logits_BTV (tied embeddings reuse the embedding table)."""
+    def logits(self, x_BTD, head_DV=None):
+        """x_BTD -> float32 logits_BTV (tied embeddings reuse the embedding table). A decode
+        loop may pass `head_DV` (the table transposed once per call): XLA:CPU reads [D, V]
+        ~1.4x faster than [V, D] for a few rows."""
         x_BTD = x_BTD.astype(self.dtype)
+        if head_DV is not None:
+            return jnp.einsum("BTD,DV->BTV", x_BTD, head_DV, preferred_element_type=jnp.float32)
         if self.config.tie_word_embeddings:  # contract against the table as stored: no transpose copy
             return jnp.einsum("BTD,VD->BTV", x_BTD, self.embed[...].astype(self.dtype),
                               preferred_element_type=jnp.float32)
