@@ -20,7 +20,7 @@ def load_model(cfg: ModelConfig, *, mesh: Optional[Mesh] = None, seed: int = 0) 
     if cfg.model_name_or_path is None:
         model = init_model(cfg, mesh=mesh, seed=seed)
     else:
-        model = from_pretrained(cfg.model_name_or_path, dtype=cfg.dtype, mesh=mesh, config=cfg)
+        model = from_pretrained(cfg.model_name_or_path, dtype=cfg.dtype, mesh=mesh, config=cfg, seed=seed)
     if cfg.load_in_4bit:
         quant.quantize_model(model)
     return model

@@ -45,21 +45,31 @@ def param_shardings(model_or_state, mesh: Mesh):
     return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh)), state, is_leaf=_is_var)
 
 
+def _shardings(abstract_state, mesh: Optional[Mesh]):
+    if mesh is not None:
+        return param_shardings(abstract_state, mesh)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda v: v.replace(device), abstract_state, is_leaf=_is_var)
+
+
 def init_model(cfg: ModelConfig, *, mesh: Optional[Mesh] = None, seed: int = 0) -> Decoder:
     """Random init from `seed`; with a mesh every parameter is created on its sharding."""
     def make():
         return Decoder(cfg, rngs=nnx.Rngs(seed))
 
-    abstract = nnx.eval_shape(make)
-    graphdef, abstract_state = nnx.split(abstract)
-    if mesh is None:
-        device = jax.devices()[0]
-        shardings = jax.tree.map(lambda v: v.replace(jax.sharding.SingleDeviceSharding(device)),
-                                 abstract_state, is_leaf=_is_var)
-    else:
-        shardings = param_shardings(abstract_state, mesh)
-    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.state(make()), out_shardings=_shardings(abstract_state, mesh))()
     return nnx.merge(graphdef, state)
+
+
+def init_variables(cfg: ModelConfig, variable_type, *, mesh: Optional[Mesh] = None, seed: int = 0):
+    """Fresh values of only the variables of `variable_type` (e.g. LoRA adapters), on their
+    shardings; XLA drops the rest of the initialisation, so no other weight is materialised."""
+    def chosen():
+        return nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)), variable_type)
+
+    abstract = nnx.eval_shape(chosen)
+    return jax.jit(chosen, out_shardings=_shardings(abstract, mesh))()
 
 
 def param_count(cfg: ModelConfig) -> int:

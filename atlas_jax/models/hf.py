@@ -23,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 from atlas_jax.config import ModelConfig, RopeScalingConfig, UsageError
 from atlas_jax.models import safetensors_io
-from atlas_jax.models.build import spec_for
+from atlas_jax.models import lora
+from atlas_jax.models.build import init_variables, spec_for
 from atlas_jax.models.decoder import Decoder
 
 
@@ -186,8 +187,12 @@ def _layer_writer(sharding):
 
 
 def from_pretrained(path: str, *, dtype: str = "float32", mesh: Optional[Mesh] = None,
-                    config: Optional[ModelConfig] = None) -> Decoder:
-    """Loads a Llama 3 / Qwen2 / Qwen2.5 / Qwen3 HF directory (or hub id, when online)."""
+                    config: Optional[ModelConfig] = None, seed: int = 0) -> Decoder:
+    """Loads a Llama 3 / Qwen2 / Qwen2.5 / Qwen3 HF directory (or hub id, when online).
+
+    With config.lora.rank > 0 the adapters start fresh from `seed` (B = 0: the model's output
+    is the checkpoint's until they train).
+    """
     path = _resolve(path)
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
@@ -221,6 +226,8 @@ def from_pretrained(path: str, *, dtype: str = "float32", mesh: Optional[Mesh] =
         else:
             host = _to_ours(read(hf_name), var.shape, n_in).astype(pdtype)
             var.set_value(jax.device_put(host, _target(mesh, var)))
+    if cfg.lora.rank > 0:  # no HF checkpoint holds our adapters: fresh ones (B = 0) change nothing
+        nnx.update(model, init_variables(cfg, lora.LoraParam, mesh=mesh, seed=seed))
     return model
 
 

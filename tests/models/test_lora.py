@@ -105,3 +105,17 @@ def test_qlora_forward_close_to_bf16_and_training_lowers_the_loss():
     assert losses[-1] < losses[0] - 0.2, losses
     for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(jax.device_get(frozen)), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_lora_on_a_pretrained_checkpoint_starts_from_its_weights(tmp_path):
+    """The common case: adapters on a Hugging Face model. They are not in the checkpoint,
+    start fresh (B = 0) on the mesh, and leave the model's output exactly the checkpoint's."""
+    save_pretrained(load_model(helpers.TINY, seed=3), str(tmp_path))
+    batch = helpers.synthetic_batch(1)
+    mesh = helpers.mesh_of(8)
+    plain = from_pretrained(str(tmp_path), mesh=mesh)
+    adapted = from_pretrained(str(tmp_path), mesh=mesh, config=dataclasses.replace(LORA, model_name_or_path=None))
+    assert lora.has_adapters(adapted)
+    _, adapters, _ = lora.split_trainable(adapted)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(adapters))
+    np.testing.assert_array_equal(np.asarray(_logits(adapted, batch)), np.asarray(_logits(plain, batch)))
