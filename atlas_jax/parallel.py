@@ -103,9 +103,24 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXES, *([None] * (ndim - 1))))
 
 
-def global_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Process-local rows [b, ...] -> one global array, rows split over the data axes."""
-    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), np.asarray(x))
+def shard_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """The same full host array on every process -> one global array, rows over the data axes.
+
+    RL rollouts run as one global program that every process drives with identical inputs
+    (same prompts, same seed), so each process holds the full rows and contributes the
+    shards its devices own.
+    """
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim), lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole array as numpy on this host, gathering other processes' shards when needed."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -158,9 +158,8 @@ def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, 
     ids_p[:B, Tb - T:], mask_p[:B, Tb - T:] = ids, mask
     row_ids = np.arange(Bb * num_samples, dtype=np.int32)
     eos = np.asarray([-1] if eos_token_id is None else np.atleast_1d(eos_token_id), np.int32)
-    if mesh is not None:
-        ids_p, mask_p = (jax.device_put(a, parallel.batch_sharding(mesh)) for a in (ids_p, mask_p))
-        row_ids = jax.device_put(row_ids, parallel.batch_sharding(mesh, 1))
+    if mesh is not None:  # every process passes the same full rows (see parallel.shard_rows)
+        ids_p, mask_p, row_ids = (parallel.shard_rows(a, mesh) for a in (ids_p, mask_p, row_ids))
     out = _program(graphdef, params, ids_p, mask_p, row_ids, jnp.int32(max_new_tokens), eos,
                    jnp.int32(pad_token_id), jnp.uint32(seed), jnp.float32(temperature), jnp.int32(top_k),
                    jnp.float32(top_p), jnp.float32(min_p), budget=budget, num_samples=num_samples,

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+from atlas_jax import parallel
 from atlas_jax.config import ModelConfig, RopeScalingConfig, UsageError
 from atlas_jax.models import safetensors_io
 from atlas_jax.models import lora
@@ -231,13 +232,6 @@ def from_pretrained(path: str, *, dtype: str = "float32", mesh: Optional[Mesh] =
     return model
 
 
-def _fetch(array: jax.Array) -> np.ndarray:
-    if not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(jax.device_get(array))
-
-
 def save_pretrained(model: Decoder, path: str, *, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes config.json + safetensors (sharded above max_shard_bytes) that transformers loads."""
     cfg = model.config
@@ -255,7 +249,7 @@ def save_pretrained(model: Decoder, path: str, *, tokenizer=None, max_shard_byte
     def fetch(name):
         var, i, n_in = tensors[name]
         value = var[...] if i is None else var[...][i]
-        return _to_hf(_fetch(value), n_in)
+        return _to_hf(parallel.to_host(value), n_in)
 
     if jax.process_index() != 0:
         for name in tensors:  # every process takes part in the gathers

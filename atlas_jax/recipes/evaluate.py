@@ -53,7 +53,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
 
     # 3. Greedy episodes over the eval split.
     batches = rl_batches(cfg.data, split="eval", batch_size=cfg.batch.eval_batch_size, seed=cfg.seed,
-                         num_epochs=1)
+                         num_epochs=1, process_index=0, process_count=1)  # one global rollout
     records = [r for batch in batches for r in batch][: cfg.data.max_eval_samples or None]
     episodes = []
     size = cfg.batch.eval_batch_size

@@ -23,7 +23,6 @@ from flax import nnx
 from atlas_jax import parallel
 from atlas_jax.config import TrainConfig, accumulation_steps, to_yaml
 from atlas_jax.data import rl_batches, rl_num_examples
-from atlas_jax.data.batch import to_global
 from atlas_jax.models import load_model, load_tokenizer, lora
 from atlas_jax.rl import policy, rollout
 from atlas_jax.rl.grpo import group_advantages
@@ -53,8 +52,9 @@ def run(cfg: TrainConfig, mesh) -> dict:
                             else (None, None))
 
     # 2. Prompts.
+    # Every process drives the same global rollout, so every process reads the same prompts.
     prompts = rl_batches(cfg.data, split="train", batch_size=prompts_per_step * t.generation_aggregation_steps,
-                         seed=cfg.seed)
+                         seed=cfg.seed, process_index=0, process_count=1)
     eval_records = evaluation_records(cfg)
 
     # 3. Optimizer, state (policy + reference), resume.
@@ -104,8 +104,8 @@ def run(cfg: TrainConfig, mesh) -> dict:
             stats = {**ep.metrics(), "frac_reward_zero_std": float(np.mean(np.asarray(group_std) < 1e-6))}
             updates = []
             for chunk in np.array_split(np.arange(len(ep.rewards)), t.generation_aggregation_steps):
-                batch = to_global(jax.tree.map(lambda x: x[chunk], batch_np), mesh)
-                extras = {"advantages": parallel.global_rows(np.asarray(advantages)[chunk], mesh)}
+                batch = jax.tree.map(lambda x: parallel.shard_rows(x[chunk], mesh), batch_np)
+                extras = {"advantages": parallel.shard_rows(np.asarray(advantages)[chunk], mesh)}
                 if t.beta > 0:
                     extras["ref_logp"] = logprobs(reference(state), batch)
                 if t.num_iterations > 1:
@@ -150,5 +150,6 @@ def evaluation_records(cfg: TrainConfig) -> list:
     if cfg.data.eval_split_ratio <= 0 and cfg.data.eval_split is None:
         return []
     size = cfg.data.max_eval_samples or cfg.batch.eval_batch_size
-    batches = rl_batches(cfg.data, split="eval", batch_size=size, seed=cfg.seed, num_epochs=1)
+    batches = rl_batches(cfg.data, split="eval", batch_size=size, seed=cfg.seed, num_epochs=1,
+                         process_index=0, process_count=1)
     return [next(batches)]

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from atlas_jax import parallel
 from atlas_jax.config import DataConfig, RewardConfig, TrainerConfig
 from atlas_jax.data import ADAPTIVE_TEACHING_SYSTEM_PROMPT
 from atlas_jax.data.batch import Batch
@@ -83,7 +84,7 @@ def sample(model, tokenizer, prompts: Sequence[str], *, max_prompt_length: int, 
     out = generate(model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=max_new_tokens,
                    temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, eos_token_id=stop,
                    pad_token_id=tokenizer.pad_token_id, seed=seed, num_samples=num_samples, mesh=mesh)
-    tokens, logprobs, lengths = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
+    tokens, logprobs, lengths = (parallel.to_host(x) for x in (out.tokens, out.logprobs, out.lengths))
     last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
     truncated = ~np.isin(last, stop) | (lengths == 0)
     texts = tokenizer.batch_decode([t[:n] for t, n in zip(tokens, lengths)], skip_special_tokens=True)
