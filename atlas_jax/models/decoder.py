@@ -206,6 +206,8 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l):
     k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
     if kv is not None and q_BTNH.shape[1] == 1:
         out_BTNH = _attend_one_token(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.resolved_head_dim ** -0.5)
+    elif kv is not None:
+        out_BTNH = _attend_in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.resolved_head_dim ** -0.5)
     else:
         out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
                                                 scale=cfg.resolved_head_dim ** -0.5)
@@ -215,6 +217,28 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l):
     up_BTF = lora.project(cfg, p, "up_proj", "BTD,DF->BTF", h_BTD)
     x_BTD = x_BTD + lora.project(cfg, p, "down_proj", "BTF,FD->BTD", gate_BTF * up_BTF)
     return x_BTD, kv
+
+
+SCORES_PER_BLOCK = 2**28  # score elements per query block in a cached prefill (1 GiB in float32)
+
+
+def _attend_in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
+    """Prefill attention a block of queries at a time. Where XLA materialises the scores
+    (CPU, TPU without a fused kernel) a whole prefill of B long prompts against the cache
+    would hold B x N x T x S of them: 128 prompts of 4k tokens and an 8k cache need ~130 GB.
+    Exact: each query row's softmax sees every key either way."""
+    B, T, N, _ = q_BTNH.shape
+    S = k_BSKH.shape[1]
+    block = 1 << max(0, (SCORES_PER_BLOCK // max(B * N * S, 1)).bit_length() - 1)
+    if block >= T or T % block:
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale)
+    C = T // block
+    q_CBtNH = q_BTNH.reshape(B, C, block, *q_BTNH.shape[2:]).swapaxes(0, 1)
+    mask_CBtS = mask_BTS.reshape(B, C, block, S).swapaxes(0, 1)
+    out_CBtNH = jax.lax.map(
+        lambda qm: jax.nn.dot_product_attention(qm[0], k_BSKH, v_BSKH, mask=qm[1][:, None], scale=scale),
+        (q_CBtNH, mask_CBtS))
+    return out_CBtNH.swapaxes(0, 1).reshape(q_BTNH.shape)
 
 
 def _attend_one_token(q_B1NH, k_BSKH, v_BSKH, mask_B1S, scale):
