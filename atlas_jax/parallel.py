@@ -50,10 +50,6 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]]) -> P:
     return P(*axes)
 
 
-def logical_sharding(mesh: Mesh, logical_axes: Sequence[Optional[str]]) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(logical_axes))
-
-
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     """Resolves -1 and checks the layout against the device count."""
     sizes = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}

@@ -80,27 +80,24 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return step > 0 and step % self.save_steps == 0
 
-    def save(self, step: int, state, *, data_state: Any = None, extra: Optional[dict] = None,
-             trees: Optional[dict[str, Any]] = None) -> None:
+    def save(self, step: int, state, *, data_state: Any = None, extra: Optional[dict] = None) -> None:
         """Starts an async write of `state` (a pytree of jax.Arrays) at `step`.
 
         data_state: the Grain iterator's get_state() after the step's batch (JSON-able);
-        extra: a JSON dict; trees: more pytrees saved as their own items (e.g. "ref_params").
+        extra: a JSON dict.
         """
         items = {STATE: ocp.args.StandardSave(state)}
         if data_state is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))
         if extra is not None:
             items[EXTRA] = ocp.args.JsonSave(extra)
-        for name, tree in (trees or {}).items():
-            items[name] = ocp.args.StandardSave(tree)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, abstract_state, *, step: Optional[int] = None, data: bool = True,
-                extra: bool = False, trees: Optional[dict[str, Any]] = None) -> dict:
+                extra: bool = False) -> dict:
         """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with shardings).
 
-        Returns {"step", "state", "data_state" (or None), "extra" (when asked), **trees}.
+        Returns {"step", "state", "data_state" (or None), "extra" (when asked)}.
         """
         step = self.latest_step() if step is None else step
         if step is None or step not in self.all_steps():
@@ -114,14 +111,11 @@ class Checkpointer:
             items[DATA] = grain.checkpoint.CheckpointRestore(_IteratorSnapshot())
         if extra and EXTRA in saved:
             items[EXTRA] = ocp.args.JsonRestore()
-        for name, target in (trees or {}).items():
-            items[name] = ocp.args.StandardRestore(target)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         out = {"step": step, "state": restored[STATE],
                "data_state": restored[DATA].state if DATA in items else None}
         if extra:
             out["extra"] = restored[EXTRA] if EXTRA in items else None
-        out.update({name: restored[name] for name in (trees or {})})
         return out
 
     def wait(self) -> None:
