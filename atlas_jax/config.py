@@ -43,7 +43,7 @@ class LoraConfig:
 
     rank: int = 0
     alpha: float = 16.0
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the adapters' input, in training updates only (models/lora.py)
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -330,8 +330,10 @@ def validate(cfg: TrainConfig) -> None:
         _choice("model.lora.target_modules", name, LORA_TARGETS)
     if m.lora.rank and not m.lora.target_modules:
         raise ConfigError("model.lora.target_modules=[] is empty: name the projections to adapt")
-    if m.lora.dropout != 0.0:  # the pure loss functions take no RNG yet
-        raise ConfigError(f"model.lora.dropout={m.lora.dropout} is not supported yet: use 0.0")
+    if not 0.0 <= m.lora.dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout={m.lora.dropout} must be in [0, 1)")
+    if m.lora.dropout > 0 and m.lora.rank == 0:
+        raise ConfigError(f"model.lora.dropout={m.lora.dropout} drops adapter inputs: set model.lora.rank > 0")
     if m.load_in_4bit and m.lora.rank == 0:
         raise ConfigError("model.load_in_4bit=true needs adapters to train: set model.lora.rank > 0")
     _choice("data.kind", d.kind, ("sft", "rl"))

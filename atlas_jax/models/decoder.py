@@ -16,6 +16,7 @@ its own keys; with one it first writes its keys at `cache.index` and attends to 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Union
 
@@ -151,15 +152,17 @@ class DecoderLayers(nnx.Module):
         params = {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
         return [jax.tree.map(lambda a: a[l], params) for l in range(self.input_norm.shape[0])]
 
-    def __call__(self, cfg, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache: Optional[KVCache], layer_params=None):
+    def __call__(self, cfg, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache: Optional[KVCache], layer_params=None,
+                 dropout_keys_B=None):
         params = {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
         dtype = jnp.dtype(cfg.dtype)
 
         def body(carry, layer):
             x, kv = carry
             p, l = layer
+            keys_B = None if dropout_keys_B is None else lora.fold_in(dropout_keys_B, l)
             # one layer at a time: 4-bit projections are dequantised here, inside the scan
-            x, kv = _block(cfg, quant.layer_weights(p, dtype), x, cos_BTH, sin_BTH, mask_BTS, kv, l)
+            x, kv = _block(cfg, quant.layer_weights(p, dtype), x, cos_BTH, sin_BTH, mask_BTS, kv, l, keys_B)
             return (x, kv), None
 
         policy = REMAT_POLICIES[cfg.remat]
@@ -183,12 +186,14 @@ class DecoderLayers(nnx.Module):
         return x_BTD, cache
 
 
-def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l):
-    """One pre-norm block: attention + SwiGLU MLP. `kv` = (k cache, v cache, write index)."""
+def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l, keys_B=None):
+    """One pre-norm block: attention + SwiGLU MLP. `kv` = (k cache, v cache, write index);
+    `keys_B` (this layer's per-row keys) turn on LoRA dropout."""
+    project = functools.partial(lora.project, cfg, p, dropout_keys_B=keys_B)
     h_BTD = rms_norm(x_BTD, p["input_norm"], cfg.rms_norm_eps)
-    q_BTNH = lora.project(cfg, p, "q_proj", "BTD,DNH->BTNH", h_BTD)
-    k_BTKH = lora.project(cfg, p, "k_proj", "BTD,DKH->BTKH", h_BTD)
-    v_BTKH = lora.project(cfg, p, "v_proj", "BTD,DKH->BTKH", h_BTD)
+    q_BTNH = project("q_proj", "BTD,DNH->BTNH", h_BTD)
+    k_BTKH = project("k_proj", "BTD,DKH->BTKH", h_BTD)
+    v_BTKH = project("v_proj", "BTD,DKH->BTKH", h_BTD)
     if cfg.attention_bias:
         q_BTNH, k_BTKH, v_BTKH = q_BTNH + p["q_bias"], k_BTKH + p["k_bias"], v_BTKH + p["v_bias"]
     if cfg.qk_norm:
@@ -211,11 +216,11 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l):
     else:
         out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
                                                 scale=cfg.resolved_head_dim ** -0.5)
-    x_BTD = x_BTD + lora.project(cfg, p, "o_proj", "BTNH,NHD->BTD", out_BTNH)
+    x_BTD = x_BTD + project("o_proj", "BTNH,NHD->BTD", out_BTNH)
     h_BTD = rms_norm(x_BTD, p["post_attention_norm"], cfg.rms_norm_eps)
-    gate_BTF = jax.nn.silu(lora.project(cfg, p, "gate_proj", "BTD,DF->BTF", h_BTD))
-    up_BTF = lora.project(cfg, p, "up_proj", "BTD,DF->BTF", h_BTD)
-    x_BTD = x_BTD + lora.project(cfg, p, "down_proj", "BTF,FD->BTD", gate_BTF * up_BTF)
+    gate_BTF = jax.nn.silu(project("gate_proj", "BTD,DF->BTF", h_BTD))
+    up_BTF = project("up_proj", "BTD,DF->BTF", h_BTD)
+    x_BTD = x_BTD + project("down_proj", "BTF,FD->BTD", gate_BTF * up_BTF)
     return x_BTD, kv
 
 
@@ -297,15 +302,18 @@ class Decoder(nnx.Module):
     def remat(self) -> str:
         return self.config.remat
 
-    def __call__(self, input_ids_BT, attention_mask_BT=None, *, positions_BT=None, segment_ids_BT=None):
+    def __call__(self, input_ids_BT, attention_mask_BT=None, *, positions_BT=None, segment_ids_BT=None,
+                 dropout_keys_B=None):
         x_BTD = self.hidden_states(input_ids_BT, attention_mask_BT, positions_BT=positions_BT,
-                                   segment_ids_BT=segment_ids_BT)
+                                   segment_ids_BT=segment_ids_BT, dropout_keys_B=dropout_keys_B)
         return self.logits(x_BTD)
 
-    def hidden_states(self, input_ids_BT, attention_mask_BT=None, *, positions_BT=None, segment_ids_BT=None):
+    def hidden_states(self, input_ids_BT, attention_mask_BT=None, *, positions_BT=None, segment_ids_BT=None,
+                      dropout_keys_B=None):
         """Final normed activations x_BTD; pair with `logits` for chunked losses."""
         x_BTD, _ = self.forward_with_cache(input_ids_BT, None, attention_mask_BT=attention_mask_BT,
-                                           positions_BT=positions_BT, segment_ids_BT=segment_ids_BT)
+                                           positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                                           dropout_keys_B=dropout_keys_B)
         return x_BTD
 
     def logits(self, x_BTD, head_DV=None):
@@ -322,13 +330,15 @@ class Decoder(nnx.Module):
                           preferred_element_type=jnp.float32)
 
     def forward_with_cache(self, input_ids_BT, cache: Optional[KVCache], *, attention_mask_BT=None,
-                           positions_BT=None, segment_ids_BT=None, layer_params=None):
+                           positions_BT=None, segment_ids_BT=None, layer_params=None, dropout_keys_B=None):
         """Runs the stack; with a cache, writes T new slots at cache.index and advances it.
 
         Returns (final normed x_BTD, cache). Tokens attend to earlier slots/tokens of the same
         segment only (segment 0 = padding). Packed rows must pass positions_BT explicitly.
         `layer_params` (from `self.layers.unstacked()`) runs the layers unrolled on weights
         sliced once by the caller: decode loops pass them so no step copies a layer's weights.
+        `dropout_keys_B` (one PRNG key per row; training updates only) turns on LoRA dropout
+        (models/lora.py); without it the forward is deterministic.
         """
         cfg = self.config
         B, T = input_ids_BT.shape
@@ -355,7 +365,7 @@ class Decoder(nnx.Module):
             kv_idx_S[None, None, :] <= q_idx_T[None, :, None])
 
         x_BTD = self.embed[...].astype(self.dtype)[input_ids_BT]
-        x_BTD, cache = self.layers(cfg, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache, layer_params)
+        x_BTD, cache = self.layers(cfg, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache, layer_params, dropout_keys_B)
         if cache is not None:
             cache = dataclasses.replace(cache, index=cache.index + T)
         return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps), cache

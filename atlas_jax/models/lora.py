@@ -7,6 +7,12 @@ with B initialised to zero, so a fresh adapter leaves the model unchanged. Adapt
 train state holds only them (gradients and Adam moments exist for adapters alone), and
 the base travels to the step as a separate, non-differentiated argument.
 
+Dropout (model.lora.dropout = p > 0), as in PEFT: the training forward computes
+    y = x W + (alpha / rank) * (dropout_p(x) A) B,
+the base seeing the undropped x. It is on only when the caller passes per-row keys
+(`dropout_keys_B`), which only the training update does: generation, evaluation and
+GRPO's log-prob passes run the exact forward above, as does any forward with p = 0.
+
 Letters: R is the adapter rank (the others as in models/decoder.py).
 """
 
@@ -23,6 +29,7 @@ from atlas_jax.config import ConfigError, LoraConfig, ModelConfig
 from atlas_jax.models import quant
 
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
+PROJECTION_IDS = {name: i for i, name in enumerate(quant.INPUT_AXES)}  # folded into dropout keys
 
 
 class LoraParam(nnx.Param):
@@ -54,11 +61,26 @@ def add_adapters(layers: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
             eager_sharding=False))
 
 
-def project(cfg: ModelConfig, p: dict, name: str, spec: str, x):
+def fold_in(keys_B, data):
+    """Each row's key folded with the same `data` (a layer index, a projection id)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, data)
+
+
+def dropout(x_B, keys_B, rate: float):
+    """Inverted dropout, row b's mask drawn from keys_B[b] alone (so a row's mask does not
+    depend on which rows share its micro-batch)."""
+    keep_B = jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - rate, x_B.shape[1:]))(keys_B)
+    return jnp.where(keep_B, x_B / (1.0 - rate), 0).astype(x_B.dtype)
+
+
+def project(cfg: ModelConfig, p: dict, name: str, spec: str, x, dropout_keys_B=None):
     """einsum(spec, x, p[name]) plus the adapter's low-rank term when `name` has one.
 
     Several trailing input axes (o_proj's heads x head_dim) are contracted as one flattened
-    axis X: given "BTNH,NHD->BTD", XLA:CPU transposed the whole weight on every call."""
+    axis X: given "BTNH,NHD->BTD", XLA:CPU transposed the whole weight on every call.
+    `dropout_keys_B` (one key per row of x, already folded with the layer) turns on the
+    adapter's input dropout; each projection draws its own masks, as PEFT's per-module
+    Dropout does."""
     (x_spec, w_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]
     n_in = quant.INPUT_AXES[name]
     in_letters, out_letters = w_spec[:n_in], w_spec[n_in:]
@@ -71,6 +93,8 @@ def project(cfg: ModelConfig, p: dict, name: str, spec: str, x):
     y = jnp.einsum(f"{x_spec},{in_letters}{out_letters}->{out_spec}", x, w)
     if a is None:
         return y
+    if dropout_keys_B is not None and cfg.lora.dropout > 0:
+        x = dropout(x, fold_in(dropout_keys_B, PROJECTION_IDS[name]), cfg.lora.dropout)
     r_spec = "".join(c for c in x_spec if c not in in_letters) + "R"
     x_R = jnp.einsum(f"{x_spec},{in_letters}R->{r_spec}", x, a)
     return y + scale(cfg) * jnp.einsum(f"{r_spec},R{out_letters}->{out_spec}", x_R, p[name + B_SUFFIX])

@@ -57,7 +57,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
     accum = accumulation_steps(b.global_batch_size, b.micro_batch_size, parallel.data_parallel_size(mesh))
     train_step = make_train_step(sft.make_sft_loss(graphdef), optimizer, accum_steps=accum, mesh=mesh,
                                  state_shardings=shardings, schedule=schedule, frozen=frozen,
-                                 combine=lora.combine)
+                                 combine=lora.combine, row_keys=cfg.model.lora.dropout > 0)
     full = lambda p: lora.full_params(p, frozen)  # noqa: E731
     eval_step = sft.make_eval_step(graphdef, mesh, jax.tree.map(lambda x: x.sharding, full(state.params)))
 

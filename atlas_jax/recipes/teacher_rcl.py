@@ -71,7 +71,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
                                parallel.data_parallel_size(mesh))
     update = make_train_step(policy.make_grpo_loss(graphdef, t), optimizer, accum_steps=accum, mesh=mesh,
                              state_shardings=shardings, totals_fn=policy.grpo_totals, schedule=schedule,
-                             frozen=frozen, combine=lora.combine)
+                             frozen=frozen, combine=lora.combine, row_keys=cfg.model.lora.dropout > 0)
     logprobs = policy.make_logprob_fn(graphdef, mesh, jax.tree.map(lambda x: x.sharding, full(state.params)),
                                       t.temperature)
     reference = (lambda s: s.ref_params) if frozen is None else (lambda s: full(lora.disabled(s.params)))  # noqa: E731

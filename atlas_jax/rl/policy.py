@@ -24,9 +24,11 @@ from atlas_jax.train.state import TrainState, create_train_state
 CHUNK_T = 1024  # positions per logits chunk: a full [B, 8k, 152k] float32 tensor fits nowhere
 
 
-def shifted_logprobs(model, batch, temperature: float, chunk: int = CHUNK_T):
-    """(logp_BT, entropy_BT, mask_BT) of next tokens at the sampling temperature, chunked."""
-    x_BTD = model.hidden_states(batch.tokens, positions_BT=batch.positions, segment_ids_BT=batch.segment_ids)
+def shifted_logprobs(model, batch, temperature: float, chunk: int = CHUNK_T, dropout_keys_B=None):
+    """(logp_BT, entropy_BT, mask_BT) of next tokens at the sampling temperature, chunked;
+    per-row keys turn on LoRA dropout (the update only, never the old/ref passes)."""
+    x_BTD = model.hidden_states(batch.tokens, positions_BT=batch.positions, segment_ids_BT=batch.segment_ids,
+                                dropout_keys_B=dropout_keys_B)
     targets_BT, mask_BT = next_token_targets(batch)
     B, T, D = x_BTD.shape
     chunk = min(chunk, T)
@@ -57,10 +59,13 @@ def make_grpo_loss(graphdef: nnx.GraphDef, trainer: TrainerConfig) -> Callable:
     """loss_fn(params, micro_batch, extras, totals) for `train.step.make_train_step`.
 
     extras: {"advantages": [B]} plus, when present, "old_logp" [B, T] (num_iterations > 1)
-    and "ref_logp" [B, T] (beta > 0), both aligned to next-token positions.
+    and "ref_logp" [B, T] (beta > 0), both aligned to next-token positions. `keys_B`
+    (make_train_step's row_keys=True) turns on LoRA dropout in this pass alone; the old and
+    reference log-probs come from the deterministic forward.
     """
-    def loss_fn(params, batch, extras, totals):
-        logp_BT, entropy_BT, mask_BT = shifted_logprobs(nnx.merge(graphdef, params), batch, trainer.temperature)
+    def loss_fn(params, batch, extras, totals, keys_B=None):
+        logp_BT, entropy_BT, mask_BT = shifted_logprobs(nnx.merge(graphdef, params), batch, trainer.temperature,
+                                                        dropout_keys_B=keys_B)
         # One update per rollout: the old policy IS the current one, so rho = 1 with the gradient
         # of logp (REINFORCE with the group advantage).
         old_BT = extras.get("old_logp", jax.lax.stop_gradient(logp_BT))

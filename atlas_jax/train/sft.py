@@ -51,9 +51,11 @@ def chunked_nll(model, x_BTD, targets_BT, mask_BT, chunk: int = CHUNK_T) -> jax.
     return total
 
 
-def batch_nll(model, batch) -> tuple[jax.Array, jax.Array]:
-    """(summed NLL over loss tokens, number of loss tokens) of one batch."""
-    x_BTD = model.hidden_states(batch.tokens, positions_BT=batch.positions, segment_ids_BT=batch.segment_ids)
+def batch_nll(model, batch, dropout_keys_B=None) -> tuple[jax.Array, jax.Array]:
+    """(summed NLL over loss tokens, number of loss tokens) of one batch; per-row keys turn
+    on LoRA dropout (training only)."""
+    x_BTD = model.hidden_states(batch.tokens, positions_BT=batch.positions, segment_ids_BT=batch.segment_ids,
+                                dropout_keys_B=dropout_keys_B)
     targets_BT, mask_BT = next_token_targets(batch)
     return chunked_nll(model, x_BTD, targets_BT, mask_BT), jnp.sum(mask_BT)
 
@@ -61,11 +63,12 @@ def batch_nll(model, batch) -> tuple[jax.Array, jax.Array]:
 def make_sft_loss(graphdef: nnx.GraphDef) -> Callable:
     """loss_fn(params, micro_batch, extras, totals) -> (loss, metric_sums) for make_train_step.
 
-    The loss is the micro-batch's summed NLL over the GLOBAL batch's loss tokens.
+    The loss is the micro-batch's summed NLL over the GLOBAL batch's loss tokens. With
+    `keys_B` (make_train_step's row_keys=True) the model applies LoRA dropout.
     """
-    def loss_fn(params, batch, extras, totals):
+    def loss_fn(params, batch, extras, totals, keys_B=None):
         del extras
-        nll, _ = batch_nll(nnx.merge(graphdef, params), batch)
+        nll, _ = batch_nll(nnx.merge(graphdef, params), batch, keys_B)
         return nll / totals["loss_tokens"], {}
     return loss_fn
 

@@ -11,6 +11,13 @@ exactly the full-batch loss, whatever the micro-batch size, accumulation or devi
 `metric_sums` are summed over micro-batches the same way (normalise them with `totals`
 when a mean is wanted). `extras` is any pytree whose leaves have the batch's leading dim
 (GRPO: old/ref log-probs, advantages); it is split exactly like the batch.
+
+Randomness (LoRA dropout). With `row_keys=True` the step also passes `keys_B=`: one PRNG
+key per row, key[b] = fold_in(fold_in(state.rng, state.step), b) for row b of the global
+batch, split with the rows. Whatever the loss draws from a row's key (the model folds in
+the layer and projection) depends on (seed, step, row) alone, so it is the same under any
+micro-batch size, accumulation or device count, and a resumed run (rng and step are in the
+checkpoint) draws exactly the masks the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -50,11 +57,17 @@ def split_micro_batches(tree, accum_steps: int, mesh: Mesh):
     return jax.tree.map(split, tree)
 
 
+def row_keys_of(state: TrainState, batch_size: int) -> jax.Array:
+    """One PRNG key per global-batch row: fold_in(fold_in(rng, step), row)."""
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return jax.vmap(lambda row: jax.random.fold_in(step_key, row))(jnp.arange(batch_size))
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, accum_steps: int,
                     mesh: Mesh, state_shardings: TrainState,
                     totals_fn: TotalsFn = loss_mask_totals,
                     schedule: Optional[optax.Schedule] = None, frozen: Any = None,
-                    combine: Optional[Callable[[Any, Any], Any]] = None) -> Callable:
+                    combine: Optional[Callable[[Any, Any], Any]] = None, row_keys: bool = False) -> Callable:
     """Returns `step(state, batch, extras=None) -> (state, metrics)`, jitted once.
 
     The global batch (and extras) arrive sharded over the data axes; the state is donated.
@@ -66,23 +79,29 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     gradient, no optimizer state); loss_fn then sees `combine(state.params, frozen)`.
     Optimizer-state shardings in pinned_host memory (train/offload.py) are fetched to the
     device for the update; the out_shardings put the new state back on the host.
+
+    row_keys: call `loss_fn(..., keys_B=...)` with the micro-batch's per-row keys (see the
+    module docstring); off, loss_fn is called with the four arguments alone.
     """
     param_shardings = state_shardings.params
     frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
 
     def step(state: TrainState, batch, extras, frozen):
         totals = totals_fn(batch, extras)
-        micro = split_micro_batches((batch, extras), accum_steps, mesh)
-        if frozen is None:
-            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        else:
+        keys_B = row_keys_of(state, batch.tokens.shape[0]) if row_keys else None
+        micro = split_micro_batches((batch, extras, keys_B), accum_steps, mesh)
+        if frozen is not None:
             frozen = offload.fetch(frozen, frozen_shardings)
-            grad_fn = jax.value_and_grad(lambda p, *a: loss_fn(combine(p, frozen), *a), has_aux=True)
 
-        def accumulate(carry, micro_batch_and_extras):
+        def micro_loss(params, mb, mx, keys, totals):
+            params = params if frozen is None else combine(params, frozen)
+            return loss_fn(params, mb, mx, totals, **({} if keys is None else {"keys_B": keys}))
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def accumulate(carry, micro_batch_extras_keys):
             grads_sum, metrics_sum = carry
-            mb, mx = micro_batch_and_extras
-            (loss, metrics), grads = grad_fn(state.params, mb, mx, totals)
+            (loss, metrics), grads = grad_fn(state.params, *micro_batch_extras_keys, totals)
             grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
             metrics = {**metrics, "loss": loss}
             return (grads_sum, jax.tree.map(jnp.add, metrics_sum, metrics)), None
