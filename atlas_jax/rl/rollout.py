@@ -13,6 +13,7 @@ conditions on exactly the prompt it generated from.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Optional, Sequence
 
 import jax.numpy as jnp
@@ -26,6 +27,8 @@ from atlas_jax.generation import generate
 from atlas_jax.rl import rewards as rewards_lib
 
 _BUCKET = 64  # prompt lengths are padded to a multiple of this so shapes repeat
+log = logging.getLogger(__name__)
+_warned: set = set()
 
 
 @dataclasses.dataclass
@@ -77,9 +80,24 @@ def encode_left_padded(tokenizer, texts: Sequence[str], max_length: int) -> tupl
 def sample(model, tokenizer, prompts: Sequence[str], *, max_prompt_length: int, max_new_tokens: int,
            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
            num_samples: int = 1, seed: int = 0, mesh=None, system: Optional[str] = None) -> Completions:
-    """Chat-formats `prompts`, samples `num_samples` continuations each (prompt-major rows)."""
+    """Chat-formats `prompts`, samples `num_samples` continuations each (prompt-major rows).
+
+    Prompt plus completion stay inside the model's context window: prompts keep their end
+    and the token budget shrinks to the room left, with a warning (a tiny model's window
+    is smaller than the recipe's 4096 + 4096).
+    """
+    window = model.config.max_position_embeddings
+    prompt_cap = min(max_prompt_length, window - min(max_new_tokens, window // 2))
     ids, mask = encode_left_padded(tokenizer, [chat_prompt(tokenizer, p, system) for p in prompts],
-                                   max_prompt_length)
+                                   prompt_cap)
+    room = window - int(mask.sum(axis=1).max())
+    if max_new_tokens > room or prompt_cap < max_prompt_length:
+        note = (f"max_prompt_length={max_prompt_length} + max_new_tokens={max_new_tokens} exceed the "
+                f"model's max_position_embeddings={window}; clamped to its window")
+        if note not in _warned:
+            _warned.add(note)
+            log.warning(note)
+        max_new_tokens = min(max_new_tokens, room)
     stop = eos_ids(tokenizer)
     out = generate(model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=max_new_tokens,
                    temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, eos_token_id=stop,

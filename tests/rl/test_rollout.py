@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pathlib
 
+import logging
+
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from atlas_jax.rl.rollout import Completions, encode_left_padded, eos_ids, training_batch
+from atlas_jax.config import ModelConfig
+from atlas_jax.models import init_model
+from atlas_jax.rl.rollout import Completions, encode_left_padded, eos_ids, sample, training_batch
 
 TOKENIZER_DIR = pathlib.Path(__file__).resolve().parents[2] / "atlas_jax" / "assets" / "tokenizer"
 
@@ -27,6 +31,21 @@ def test_left_padding_keeps_the_end_and_buckets(tokenizer):
     short, short_mask = encode_left_padded(tokenizer, ["a b c d e f g h"], max_length=3)
     assert short_mask.sum() == 3  # over-long prompts keep their last tokens
     assert tokenizer.decode(short[0][short_mask[0].astype(bool)]).endswith("h")
+
+
+def test_sampling_stays_inside_the_model_window(tokenizer, caplog):
+    """The recipe's 4096 + 4096 budgets on a model with a 160-token window: prompts keep their
+    end, the budget shrinks to the room left, and a warning says so."""
+    model = init_model(ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   head_dim=16, max_position_embeddings=160), seed=0)
+    prompts = ["word " * 300, "What is 2 + 3?"]
+    with caplog.at_level(logging.WARNING, logger="atlas_jax.rl.rollout"):
+        out = sample(model, tokenizer, prompts, max_prompt_length=4096, max_new_tokens=4096, temperature=1.0)
+    longest = int(out.prompt_mask.sum(1).max())
+    assert longest == 80  # the window minus min(budget, window / 2)
+    assert out.tokens.shape[1] == 160 - longest and out.lengths.max() <= 160 - longest
+    assert "max_position_embeddings=160" in caplog.text
 
 
 def test_eos_ids_include_the_chat_turn_end(tokenizer):
