@@ -73,7 +73,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
                              state_shardings=shardings, totals_fn=policy.grpo_totals, schedule=schedule,
                              frozen=frozen, combine=lora.combine, row_keys=cfg.model.lora.dropout > 0)
     logprobs = policy.make_logprob_fn(graphdef, mesh, jax.tree.map(lambda x: x.sharding, full(state.params)),
-                                      t.temperature)
+                                      t.temperature, accum)
     reference = (lambda s: s.ref_params) if frozen is None else (lambda s: full(lora.disabled(s.params)))  # noqa: E731
     mixup = (policy.make_ref_mixup(shardings.params)
              if t.sync_ref_model and t.beta > 0 and frozen is None else None)

@@ -20,6 +20,7 @@ from atlas_jax.config import TrainerConfig
 from atlas_jax.rl.grpo import grpo_loss, token_logprobs
 from atlas_jax.train.sft import next_token_targets
 from atlas_jax.train.state import TrainState, create_train_state
+from atlas_jax.train.step import split_micro_batches
 
 CHUNK_T = 1024  # positions per logits chunk: a full [B, 8k, 152k] float32 tensor fits nowhere
 
@@ -78,10 +79,20 @@ def make_grpo_loss(graphdef: nnx.GraphDef, trainer: TrainerConfig) -> Callable:
     return loss_fn
 
 
-def make_logprob_fn(graphdef: nnx.GraphDef, mesh: Mesh, params_shardings, temperature: float) -> Callable:
-    """Jitted (params, batch) -> logp_BT, for the reference and old-policy passes."""
+def make_logprob_fn(graphdef: nnx.GraphDef, mesh: Mesh, params_shardings, temperature: float,
+                    accum_steps: int = 1) -> Callable:
+    """Jitted (params, batch) -> logp_BT, for the reference and old-policy passes.
+
+    The batch is split into the update's micro-batches (`accum_steps`, same rows per
+    micro-batch as `train.step`) and run one at a time: a forward over the whole global
+    batch would hold B x N x T x T attention scores at once (27 GB for 128 rows of 2k).
+    """
     def logprobs(params, batch):
-        return shifted_logprobs(nnx.merge(graphdef, params), batch, temperature)[0]
+        model = nnx.merge(graphdef, params)
+        micro = split_micro_batches(batch, accum_steps, mesh)  # [A, B / A, ...], row b in micro b % A
+        logp_ABT = jax.lax.map(lambda mb: shifted_logprobs(model, mb, temperature)[0], micro)
+        A, b, T = logp_ABT.shape
+        return logp_ABT.swapaxes(0, 1).reshape(A * b, T)
 
     data = NamedSharding(mesh, P(parallel.DATA_AXES))
     return jax.jit(logprobs, in_shardings=(params_shardings, data), out_shardings=data)

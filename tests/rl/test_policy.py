@@ -96,3 +96,17 @@ def test_reference_mixup_moves_reference_toward_policy():
     ref = jax.tree.map(jnp.zeros_like, params)
     mixed = policy.make_ref_mixup(shardings)(ref, params, 0.9)
     chex.assert_trees_all_close(mixed, jax.tree.map(lambda p: 0.9 * p, params), atol=1e-7)
+
+
+def test_logprobs_in_micro_batches_equal_one_pass():
+    """The reference / old-policy pass runs the update's micro-batches one at a time and puts
+    every row back in place, on one device and across 8."""
+    for devices in (jax.devices()[:1], jax.devices()[:8]):
+        mesh = make_mesh(MeshConfig(name="t", fsdp=-1), devices)
+        graphdef, params = nnx.split(init_model(MODEL, mesh=mesh, seed=0), nnx.Param)
+        shardings = jax.tree.map(lambda x: x.sharding, params)
+        batch = to_global(_rollout_batch(B=16)[0], mesh)
+        whole = policy.make_logprob_fn(graphdef, mesh, shardings, 0.7)(params, batch)
+        micro = policy.make_logprob_fn(graphdef, mesh, shardings, 0.7, accum_steps=2)(params, batch)
+        assert micro.shape == whole.shape == batch.tokens.shape
+        np.testing.assert_allclose(np.asarray(micro), np.asarray(whole), atol=1e-6)
