@@ -2,8 +2,9 @@
 
 The numerics come from qwix (Google's JAX quantisation library): `qwix.quantize(w, "nf4",
 ...)` picks the nearest of the 16 NF4 levels (normal-distribution quantiles, as in the
-QLoRA paper) after scaling each group by its absmax, and stores codes as `uint4`, which
-XLA packs two per byte. We use qwix for the array numerics only; its model interception
+QLoRA paper) after scaling each group by its absmax (times a clipping factor: we keep,
+per group, the factor of CLIP_FACTORS with the least squared error), and stores codes as
+`uint4`, which XLA packs two per byte. We use qwix for the array numerics only; its model interception
 (rewriting nnx.Linear calls) does not fit a decoder whose projections are stacked
 [L, ...] arrays consumed inside one `lax.scan`, so dequantisation happens here, one layer
 at a time inside the scan: only one layer's weights ever exist in compute dtype.
@@ -24,6 +25,10 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from atlas_jax.config import ConfigError
 
 GROUP = 64  # elements per scale (QLoRA's block size); smaller when the axis is smaller
+# Each group's scale is its absmax times the factor here that minimises the group's squared
+# error (1.0 first: plain absmax, as bitsandbytes). Clipping a group's rare extreme value
+# buys finer levels for the rest: -6.5% weight error on Gaussian weights (9.2% -> 8.6%).
+CLIP_FACTORS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 0.775, 0.75, 0.725, 0.7)
 SCALE_SUFFIX = "_nf4_scale"
 SCALE_DTYPE = jnp.bfloat16  # rounding the scale adds ~0.4% error, small beside NF4's own
 # projection -> number of leading input (contracted) axes after the layer axis
@@ -57,9 +62,24 @@ def quantize(w, name: str) -> tuple[jax.Array, jax.Array]:
     others = tuple(a for a in range(w.ndim - 1) if a != axis - 1)  # per-layer axes (layer dim removed)
 
     def one_layer(w_layer):  # lax.map over layers bounds qwix's [elements x 16] search buffer
-        q = qwix.quantize(w_layer, "nf4", channelwise_axes=others, tiled_axes={axis - 1: g},
-                          scale_dtype=jnp.float32)
-        return q.qvalue, q.scale.astype(SCALE_DTYPE)
+        tile = axis - 1
+
+        def group_sums(x):  # [..., n * g, ...] -> [..., n, ...]: one value per scale
+            shape = x.shape[:tile] + (x.shape[tile] // g, g) + x.shape[tile + 1:]
+            return x.reshape(shape).sum(tile + 1)
+
+        best = None
+        for factor in CLIP_FACTORS:
+            q = qwix.quantize(w_layer, "nf4", channelwise_axes=others, tiled_axes={tile: g},
+                              calibration_method=f"absmax,{factor}", scale_dtype=jnp.float32)
+            err = group_sums(jnp.square(qwix.dequantize(q) - w_layer))
+            if best is None:
+                best = (err, q.qvalue, q.scale)
+                continue
+            better = err < best[0]
+            codes = jnp.where(jnp.repeat(better, g, axis=tile), q.qvalue, best[1])
+            best = (jnp.minimum(err, best[0]), codes, jnp.where(better, q.scale, best[2]))
+        return best[1], best[2].astype(SCALE_DTYPE)
 
     return jax.lax.map(one_layer, w.astype(jnp.float32))
 

@@ -107,6 +107,24 @@ def test_qlora_forward_close_to_bf16_and_training_lowers_the_loss():
         np.testing.assert_array_equal(a, b)
 
 
+def test_nf4_scales_minimise_each_groups_error():
+    """Searched clipping scales: no group is worse than plain absmax, the whole weight is
+    clearly better (Gaussian weights: ~9.2% -> ~8.6% relative error), codes stay uint4."""
+    import qwix
+    w = jax.random.normal(jax.random.key(0), (2, 128, 192))  # [L, D, F]: groups of 64 along D
+    codes, scale = quant.quantize(w, "gate_proj")
+    assert codes.dtype == jnp.uint4 and scale.shape == (2, 2, 192)
+    searched = jax.vmap(lambda c, s: quant.dequantize(c, s, jnp.float32))(codes, scale)
+    q = qwix.quantize(w, "nf4", channelwise_axes=(0, 2), tiled_axes={1: 64}, scale_dtype=jnp.float32)
+    plain = qwix.dequantize(dataclasses.replace(q, scale=q.scale.astype(quant.SCALE_DTYPE).astype(jnp.float32)))
+    err = lambda d: jnp.square(d - w).reshape(2, 2, 64, 192).sum(2)  # noqa: E731
+    # 1%: both store bf16 scales, but the search compares float32 ones (rounding moves a
+    # group's error by up to ~4%, and sometimes against the choice)
+    assert bool(jnp.all(err(searched) <= err(plain) * 1.01))
+    rel = lambda d: float(jnp.linalg.norm(d - w) / jnp.linalg.norm(w))  # noqa: E731
+    assert rel(searched) < 0.95 * rel(plain), (rel(searched), rel(plain))
+
+
 def test_lora_on_a_pretrained_checkpoint_starts_from_its_weights(tmp_path):
     """The common case: adapters on a Hugging Face model. They are not in the checkpoint,
     start fresh (B = 0) on the mesh, and leave the model's output exactly the checkpoint's."""
