@@ -44,6 +44,12 @@ def rcl_run(tmp_path_factory):
 
 
 @pytest.fixture
+def rcl_overrides():
+    """RCL_OVERRIDES, for tests that start more runs like rcl_run's."""
+    return list(RCL_OVERRIDES)
+
+
+@pytest.fixture
 def export_and_compare():
     """The function below: export a run's checkpoint and check transformers agrees with it."""
     return _export_and_compare

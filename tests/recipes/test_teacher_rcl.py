@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
 import jax
 import numpy as np
+from flax import nnx
+
+from atlas_jax import parallel
+from atlas_jax.config import compose
+from atlas_jax.recipes import evaluate, teacher_rcl
 
 METRICS = ("student_accuracy", "baseline_accuracy", "accuracy_delta", "improvement_rate", "degradation_rate",
            "non_degradation_rate", "teaching_length_mean", "teaching_length_std", "student_approach_length",
@@ -42,3 +48,32 @@ def test_teacher_rcl_leaves_the_student_bit_identical(rcl_run):
     assert len(leaves_before) == len(leaves_after) > 0
     for a, b in zip(leaves_before, leaves_after):
         np.testing.assert_array_equal(a, b)
+
+
+def _train_rows(out: pathlib.Path) -> list:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def test_teacher_rcl_resumes_exactly(rcl_run, rcl_overrides, tmp_path):
+    """1 step, stop, resume to step 2 == 2 steps straight: the rollout (prompt iterator,
+    seed), the reference model and the optimizer all come back from the checkpoint."""
+    cfg, _, _, _ = rcl_run
+    mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+    out = tmp_path / "resumed"
+    first = teacher_rcl.run(compose(["+run=teacher_rcl", *rcl_overrides, "trainer.max_steps=1",
+                                     f"output_dir={out}"]), mesh)
+    assert first["steps"] == 1
+    resumed = teacher_rcl.run(compose(["+run=teacher_rcl", *rcl_overrides, f"output_dir={out}"]), mesh)
+    assert resumed["steps"] == 2
+
+    straight, again = _train_rows(pathlib.Path(cfg.output_dir)), _train_rows(out)
+    assert [r["step"] for r in again] == [1, 2]  # the second run did step 2 only
+    for name in ("loss", "grad_norm", "kl", "reward", "reward_std", "teaching_length_mean", "student_accuracy"):
+        assert again[1][name] == straight[1][name], name
+    params = [jax.device_get(nnx.state(evaluate.restore_teacher(
+        dataclasses.replace(cfg, checkpoint=str(run / "checkpoints"), checkpoint_step=2), mesh)[0], nnx.Param))
+        for run in (pathlib.Path(cfg.output_dir), out)]
+    for a, b in zip(*(jax.tree.leaves(p) for p in params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
