@@ -4,8 +4,8 @@ The numerics come from qwix (Google's JAX quantisation library): `qwix.quantize(
 ...)` picks the nearest of the 16 NF4 levels (normal-distribution quantiles, as in the
 QLoRA paper) after scaling each group by its absmax (times a clipping factor: we keep,
 per group, the factor of CLIP_FACTORS with the least squared error), and stores codes as
-`uint4`, which XLA packs two per byte. We use qwix for the array numerics only; its model interception
-(rewriting nnx.Linear calls) does not fit a decoder whose projections are stacked
+`uint4`, which XLA packs two per byte. We use qwix for the array numerics only; its model
+interception (rewriting nnx.Linear calls) does not fit a decoder whose projections are stacked
 [L, ...] arrays consumed inside one `lax.scan`, so dequantisation happens here, one layer
 at a time inside the scan: only one layer's weights ever exist in compute dtype.
 
@@ -52,34 +52,35 @@ def group_size(dim: int) -> int:
     return min(GROUP, dim)
 
 
-def quantize(w, name: str) -> tuple[jax.Array, jax.Array]:
-    """Stacked weight [L, ...] -> (uint4 codes, same shape; bf16 scales, one per group)."""
+def quantize(w, name: str, factors: tuple[float, ...] = CLIP_FACTORS) -> tuple[jax.Array, jax.Array]:
+    """Stacked weight [L, ...] -> (uint4 codes, same shape; bf16 scales, one per group).
+
+    Each group keeps the clipping factor (of `factors`) with its least squared error;
+    factors=(1.0,) is plain absmax."""
     axis = _tile_axis(name)
+    tile = axis - 1  # the same axis within one layer
     g = group_size(w.shape[axis])
     if w.shape[axis] % g:
         raise ConfigError(f"model.load_in_4bit: {name} axis {axis} of size {w.shape[axis]} "
                           f"is not a multiple of the group size {g}")
-    others = tuple(a for a in range(w.ndim - 1) if a != axis - 1)  # per-layer axes (layer dim removed)
+    others = tuple(a for a in range(w.ndim - 1) if a != tile)  # per-layer axes (layer dim removed)
+
+    def group_sums(x):  # [..., n * g, ...] -> [..., n, ...]: one value per scale
+        return x.reshape(x.shape[:tile] + (x.shape[tile] // g, g) + x.shape[tile + 1:]).sum(tile + 1)
+
+    def candidate(w_layer, factor):  # (per-group squared error, codes, float32 scales)
+        q = qwix.quantize(w_layer, "nf4", channelwise_axes=others, tiled_axes={tile: g},
+                          calibration_method=f"absmax,{factor}", scale_dtype=jnp.float32)
+        return group_sums(jnp.square(qwix.dequantize(q) - w_layer)), q.qvalue, q.scale
 
     def one_layer(w_layer):  # lax.map over layers bounds qwix's [elements x 16] search buffer
-        tile = axis - 1
-
-        def group_sums(x):  # [..., n * g, ...] -> [..., n, ...]: one value per scale
-            shape = x.shape[:tile] + (x.shape[tile] // g, g) + x.shape[tile + 1:]
-            return x.reshape(shape).sum(tile + 1)
-
-        best = None
-        for factor in CLIP_FACTORS:
-            q = qwix.quantize(w_layer, "nf4", channelwise_axes=others, tiled_axes={tile: g},
-                              calibration_method=f"absmax,{factor}", scale_dtype=jnp.float32)
-            err = group_sums(jnp.square(qwix.dequantize(q) - w_layer))
-            if best is None:
-                best = (err, q.qvalue, q.scale)
-                continue
-            better = err < best[0]
-            codes = jnp.where(jnp.repeat(better, g, axis=tile), q.qvalue, best[1])
-            best = (jnp.minimum(err, best[0]), codes, jnp.where(better, q.scale, best[2]))
-        return best[1], best[2].astype(SCALE_DTYPE)
+        err, codes, scale = candidate(w_layer, factors[0])
+        for factor in factors[1:]:
+            new_err, new_codes, new_scale = candidate(w_layer, factor)
+            better = new_err < err
+            codes = jnp.where(jnp.repeat(better, g, axis=tile), new_codes, codes)
+            err, scale = jnp.minimum(new_err, err), jnp.where(better, new_scale, scale)
+        return codes, scale.astype(SCALE_DTYPE)
 
     return jax.lax.map(one_layer, w.astype(jnp.float32))
 
