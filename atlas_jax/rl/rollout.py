@@ -13,6 +13,7 @@ conditions on exactly the prompt it generated from.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Optional, Sequence
 
@@ -28,7 +29,7 @@ from atlas_jax.rl import rewards as rewards_lib
 
 _BUCKET = 64  # prompt lengths are padded to a multiple of this so shapes repeat
 log = logging.getLogger(__name__)
-_warned: set = set()
+_warn_once = functools.cache(log.warning)  # a repeated message is logged once per process
 
 
 @dataclasses.dataclass
@@ -92,11 +93,8 @@ def sample(model, tokenizer, prompts: Sequence[str], *, max_prompt_length: int, 
                                    prompt_cap)
     room = window - int(mask.sum(axis=1).max())
     if max_new_tokens > room or prompt_cap < max_prompt_length:
-        note = (f"max_prompt_length={max_prompt_length} + max_new_tokens={max_new_tokens} exceed the "
-                f"model's max_position_embeddings={window}; clamped to its window")
-        if note not in _warned:
-            _warned.add(note)
-            log.warning(note)
+        _warn_once(f"max_prompt_length={max_prompt_length} + max_new_tokens={max_new_tokens} exceed the "
+                   f"model's max_position_embeddings={window}; clamped to its window")
         max_new_tokens = min(max_new_tokens, room)
     stop = eos_ids(tokenizer)
     out = generate(model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=max_new_tokens,
