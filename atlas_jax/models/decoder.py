@@ -247,14 +247,16 @@ def _attend_in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
 
 
 def _attend_one_token(q_B1NH, k_BSKH, v_BSKH, mask_B1S, scale):
-    """dot_product_attention for one query token, values as a multiply + sum over S: XLA:CPU
-    ran that T=1 probs @ V as a slow generic batched dot. Same numerics (float32 softmax)."""
+    """dot_product_attention for one query token, both products as a multiply + sum: XLA:CPU
+    runs these T=1 batched dots as slow generic kernels (the two took ~40% of a decode step
+    of bench/generate.py's model). Scores and softmax in float32."""
     B, _, N, H = q_B1NH.shape
     K = k_BSKH.shape[2]
-    q_BKGH = q_B1NH.reshape(B, K, N // K, H)
-    scores_BKGS = jnp.einsum("BKGH,BSKH->BKGS", q_BKGH, k_BSKH) * scale
+    q_BKGH = q_B1NH.reshape(B, K, N // K, H).astype(jnp.float32)
+    k_BKSH = jnp.swapaxes(k_BSKH, 1, 2).astype(jnp.float32)
+    scores_BKGS = jnp.sum(q_BKGH[:, :, :, None] * k_BKSH[:, :, None], axis=-1) * scale
     scores_BKGS = jnp.where(mask_B1S[:, :, None], scores_BKGS, -0.7 * jnp.finfo(scores_BKGS.dtype).max)
-    probs_BKGS = jax.nn.softmax(scores_BKGS.astype(jnp.float32), axis=-1).astype(q_B1NH.dtype)
+    probs_BKGS = jax.nn.softmax(scores_BKGS, axis=-1).astype(q_B1NH.dtype)
     out_BKGH = jnp.sum(probs_BKGS[..., None] * jnp.swapaxes(v_BSKH, 1, 2)[:, :, None], axis=3)
     return out_BKGH.reshape(B, 1, N, H)
 
