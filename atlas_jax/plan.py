@@ -105,7 +105,7 @@ class Plan:
             f"devices        {self.devices} x {self.platform} in {self.processes} process(es); mesh {axes}",
             f"batch          global {self.global_batch} = micro {self.micro_batch} x data-parallel "
             f"{self.data_parallel} x accumulation {self.accumulation}; sequence length {self.seq_len}",
-            f"parameters     {self.params:,} ({self.params / 1e9:.2f} B); mode {self.mode}, "
+            f"parameters     {self.params:,} ({_billions(self.params)}); mode {self.mode}, "
             f"trained {self.trainable:,}",
             "bytes/device   (estimate)",
             f"  params       {gib(self.bytes_params)}",
@@ -115,6 +115,11 @@ class Plan:
             f"  total        {gib(self.bytes_total)}",
         ]
         return "\n".join(rows)
+
+
+def _billions(n: int) -> str:
+    """918,912 -> "0.000919 B", 8,190,735,360 -> "8.19 B": three significant figures."""
+    return f"{n / 1e9:.3g} B"
 
 
 def make_plan(cfg: TrainConfig, mesh: Mesh) -> Plan:
@@ -128,7 +133,9 @@ def make_plan(cfg: TrainConfig, mesh: Mesh) -> Plan:
     p_bytes = _BYTES[m.param_dtype]
     all_bytes, trained = weight_bytes(m)
     rl = cfg.run in _RL_RUNS
-    seq = (cfg.trainer.max_prompt_length + cfg.trainer.max_completion_length) if rl else cfg.data.max_length
+    # RL rows are prompt + completion, clamped to the model's window as rollouts clamp them
+    seq = (min(cfg.trainer.max_prompt_length + cfg.trainer.max_completion_length, m.max_position_embeddings)
+           if rl else cfg.data.max_length)
     saved, working = _activation_elements_per_token(m, mesh.shape["tensor"])
     tokens = micro * seq
     act_bytes = _BYTES[m.dtype]

@@ -55,3 +55,15 @@ def test_plan_within_25_percent_of_compiled_memory(mode):
     assert estimate.mode == mode
     measured = measured_bytes(cfg, mesh)
     assert abs(estimate.bytes_total - measured) / measured < 0.25, (estimate.render(), measured / 2**20)
+
+
+def test_rl_plan_sequence_is_clamped_to_the_model_window():
+    """Rollouts keep prompt + completion inside max_position_embeddings (rl/rollout.py), so
+    the plan sizes the update's rows the same way, not at the configured 4096 + 4096."""
+    mesh = parallel.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    trainer = TrainerConfig(max_steps=1, max_prompt_length=4096, max_completion_length=4096)
+    batch = BatchConfig(global_batch_size=4, micro_batch_size=2)
+    for window, seq in ((2048, 2048), (32768, 8192)):
+        cfg = TrainConfig(run="teacher_rcl", model=dataclasses.replace(MID, max_position_embeddings=window),
+                          trainer=trainer, batch=batch)
+        assert plan.make_plan(cfg, mesh).seq_len == seq
