@@ -119,6 +119,17 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def in_host_memory(x) -> bool:
+    """Whether `x` (an array, or a tracer inside jit) lives in host memory (pinned_host)."""
+    return jax.typeof(x).memory_space == jax.memory.Space.Host
+
+
+def on_device(x):
+    """`x` in device memory: a device copy of a host-resident array (trainer.offload keeps the
+    frozen base there, and the model fetches each weight where it is used), else `x` itself."""
+    return jax.device_put(x, jax.memory.Space.Device) if in_host_memory(x) else x
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from atlas_jax import parallel
 from atlas_jax.config import ModelConfig
 from atlas_jax.models import lora, quant
 
@@ -150,7 +151,7 @@ class DecoderLayers(nnx.Module):
         """Each layer's raw variables, sliced out of the stack: a decode loop takes them once,
         outside the loop, since XLA materialises a slice (a copy) every time one is taken."""
         params = {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
-        return [jax.tree.map(lambda a: a[l], params) for l in range(self.input_norm.shape[0])]
+        return [jax.tree.map(lambda a: parallel.on_device(a[l]), params) for l in range(self.input_norm.shape[0])]
 
     def __call__(self, cfg, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache: Optional[KVCache], layer_params=None,
                  dropout_keys_B=None):
@@ -161,13 +162,20 @@ class DecoderLayers(nnx.Module):
             x, kv = carry
             p, l = layer
             keys_B = None if dropout_keys_B is None else lora.fold_in(dropout_keys_B, l)
-            # one layer at a time: 4-bit projections are dequantised here, inside the scan
+            # one layer at a time: host-resident weights are fetched and 4-bit projections
+            # dequantised here, inside the scan
+            p = {k: parallel.on_device(a) for k, a in p.items()}  # trainer.offload=optimizer_and_frozen
             x, kv = _block(cfg, quant.layer_weights(p, dtype), x, cos_BTH, sin_BTH, mask_BTS, kv, l, keys_B)
             return (x, kv), None
 
-        policy = REMAT_POLICIES[cfg.remat]
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        remat = cfg.remat
+        if remat == "none" and any(parallel.in_host_memory(a) for a in params.values()):
+            # "none" would keep, for backward, every intermediate of every layer, device copies
+            # of the fetched weights among them: the whole offloaded base again. Keep the
+            # matmul outputs only; backward fetches the weights again.
+            remat = "save_all_matmuls"
+        if remat != "none":  # no policy saves fetched weights: they are not matmul outputs
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
         layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
         if cfg.scan_layers and layer_params is None:
             kv = None if cache is None else (_stacked(cache.k_LBKSH), _stacked(cache.v_LBKSH), cache.index)
@@ -326,9 +334,9 @@ class Decoder(nnx.Module):
         if head_DV is not None:
             return jnp.einsum("BTD,DV->BTV", x_BTD, head_DV, preferred_element_type=jnp.float32)
         if self.config.tie_word_embeddings:  # contract against the table as stored: no transpose copy
-            return jnp.einsum("BTD,VD->BTV", x_BTD, self.embed[...].astype(self.dtype),
+            return jnp.einsum("BTD,VD->BTV", x_BTD, parallel.on_device(self.embed[...]).astype(self.dtype),
                               preferred_element_type=jnp.float32)
-        return jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head[...].astype(self.dtype),
+        return jnp.einsum("BTD,DV->BTV", x_BTD, parallel.on_device(self.lm_head[...]).astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
     def forward_with_cache(self, input_ids_BT, cache: Optional[KVCache], *, attention_mask_BT=None,
@@ -366,8 +374,8 @@ class Decoder(nnx.Module):
         mask_BTS = (segment_ids_BT[:, :, None] == kv_seg_BS[:, None, :]) & (
             kv_idx_S[None, None, :] <= q_idx_T[None, :, None])
 
-        x_BTD = self.embed[...].astype(self.dtype)[input_ids_BT]
+        x_BTD = parallel.on_device(self.embed[...]).astype(self.dtype)[input_ids_BT]
         x_BTD, cache = self.layers(cfg, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache, layer_params, dropout_keys_B)
         if cache is not None:
             cache = dataclasses.replace(cache, index=cache.index + T)
-        return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps), cache
+        return rms_norm(x_BTD, parallel.on_device(self.final_norm[...]), cfg.rms_norm_eps), cache

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from atlas_jax import parallel
 from atlas_jax.config import ConfigError, LoraConfig, ModelConfig
 from atlas_jax.models import quant
 
@@ -125,10 +126,11 @@ def has_adapters(model) -> bool:
 
 def merged_weight(layers, name: str, cfg: ModelConfig):
     """W (dequantised if 4-bit) + (alpha / R) A B, stacked over layers, in float32."""
-    codes_or_w = getattr(layers, name)[...]
+    codes_or_w = parallel.on_device(getattr(layers, name)[...])  # the base may be offloaded
     scale_var = getattr(layers, name + quant.SCALE_SUFFIX, None)
     w = (codes_or_w.astype(jnp.float32) if scale_var is None
-         else jax.vmap(lambda c, s: quant.dequantize(c, s, jnp.float32))(codes_or_w, scale_var[...]))
+         else jax.vmap(lambda c, s: quant.dequantize(c, s, jnp.float32))(codes_or_w,
+                                                                          parallel.on_device(scale_var[...])))
     a = getattr(layers, name + A_SUFFIX, None)
     if a is None:
         return w
@@ -155,7 +157,7 @@ def merge_adapters(model):
         if path[0] == "layers" and path[-1] in quant.INPUT_AXES:
             value = merged_weight(owner, path[-1], cfg).astype(pd)
         else:
-            value = getattr(owner, path[-1])[...]
+            value = parallel.on_device(getattr(owner, path[-1])[...])
         var.set_value(value)
     return out
 

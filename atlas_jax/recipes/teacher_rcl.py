@@ -47,9 +47,8 @@ def run(cfg: TrainConfig, mesh) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     # with LoRA only adapters train; the frozen base is also the reference (adapters off)
     graphdef, params, frozen = lora.split_trainable(teacher)
+    del teacher  # its arrays now live in params / frozen only (offload may move frozen)
     full = lambda p: lora.full_params(p, frozen)  # noqa: E731
-    student, student_tok = (load_student(cfg, mesh, graphdef, params, tokenizer, frozen) if teaching
-                            else (None, None))
 
     # 2. Prompts.
     # Every process drives the same global rollout, so every process reads the same prompts.
@@ -63,6 +62,9 @@ def run(cfg: TrainConfig, mesh) -> dict:
     state, shardings = policy.create_rl_state(params, optimizer, mesh, seed=cfg.seed,
                                               with_ref=t.beta > 0 and frozen is None)
     state, shardings, frozen = offload.apply(state, shardings, frozen, offload.resolve(t.offload, mesh))
+    # after offload: a student that is the teacher's base shares the (possibly host) frozen arrays
+    student, student_tok = (load_student(cfg, mesh, graphdef, params, tokenizer, frozen) if teaching
+                            else (None, None))
     checkpointer = Checkpointer(str(out / "checkpoints"), save_steps=t.save_steps, max_to_keep=t.save_total_limit)
     state = checkpoint.resume(checkpointer, cfg.resume_from, state, prompts)
 

@@ -78,7 +78,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     them to the jitted step as an argument (not a baked-in constant, not donated, no
     gradient, no optimizer state); loss_fn then sees `combine(state.params, frozen)`.
     Optimizer-state shardings in pinned_host memory (train/offload.py) are fetched to the
-    device for the update; the out_shardings put the new state back on the host.
+    device for the update; the out_shardings put the new state back on the host. Frozen
+    parameters in pinned_host memory stay there: the model fetches each layer as it runs.
 
     row_keys: call `loss_fn(..., keys_B=...)` with the micro-batch's per-row keys (see the
     module docstring); off, loss_fn is called with the four arguments alone.
@@ -90,8 +91,6 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         totals = totals_fn(batch, extras)
         keys_B = row_keys_of(state, batch.tokens.shape[0]) if row_keys else None
         micro = split_micro_batches((batch, extras, keys_B), accum_steps, mesh)
-        if frozen is not None:
-            frozen = offload.fetch(frozen, frozen_shardings)
 
         def micro_loss(params, mb, mx, keys, totals):
             params = params if frozen is None else combine(params, frozen)
