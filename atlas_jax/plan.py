@@ -3,7 +3,12 @@
 Batch arithmetic (global = micro x data-parallel ways x accumulation), the parameter
 count of the model preset, and an estimate of bytes per device for parameters,
 gradients, optimizer state and activations in the run's mode: full fine-tuning, LoRA
-(only adapters have gradients and Adam moments) or QLoRA (the frozen projections in NF4).
+(only adapters have gradients and Adam moments) or QLoRA (the frozen projections in NF4),
+and with trainer.offload on GPU/TPU (CPU ignores it): offloaded Adam moments are on the
+device only for the update, after the backward pass has freed the activations, so they
+count as max(optimizer, activations) (assuming XLA does not start fetching them before
+the backward pass ends); an offloaded LoRA base counts as two layers in flight plus the
+embedding and head tables, and implies remat save_all_matmuls where remat is none.
 The estimate is deliberately analytic (no compilation), so it is instant for an 8B preset
 on a laptop; tests/test_plan.py holds it to the compiled step's memory analysis.
 """
@@ -92,10 +97,13 @@ class Plan:
     bytes_grads: float
     bytes_optimizer: float
     bytes_activations: float
+    offload: str = "none"  # what runs: trainer.offload, or "none" on CPU
 
     @property
     def bytes_total(self) -> float:
-        return self.bytes_params + self.bytes_grads + self.bytes_optimizer + self.bytes_activations
+        if self.offload == "none":
+            return self.bytes_params + self.bytes_grads + self.bytes_optimizer + self.bytes_activations
+        return self.bytes_params + self.bytes_grads + max(self.bytes_optimizer, self.bytes_activations)
 
     def render(self) -> str:
         gib = lambda b: f"{b / 2**30:9.2f} GiB"  # noqa: E731
@@ -108,9 +116,12 @@ class Plan:
             f"parameters     {self.params:,} ({_billions(self.params)}); mode {self.mode}, "
             f"trained {self.trainable:,}",
             "bytes/device   (estimate)",
-            f"  params       {gib(self.bytes_params)}",
+            f"  params       {gib(self.bytes_params)}"
+            + ("  (the frozen base in host memory; two layers in flight)"
+               if self.offload == "optimizer_and_frozen" else ""),
             f"  gradients    {gib(self.bytes_grads)}",
-            f"  optimizer    {gib(self.bytes_optimizer)}",
+            f"  optimizer    {gib(self.bytes_optimizer)}"
+            + ("" if self.offload == "none" else "  (host memory; on the device for the update only)"),
             f"  activations  {gib(self.bytes_activations)}",
             f"  total        {gib(self.bytes_total)}",
         ]
@@ -132,6 +143,14 @@ def make_plan(cfg: TrainConfig, mesh: Mesh) -> Plan:
     n = param_count(m)
     p_bytes = _BYTES[m.param_dtype]
     all_bytes, trained = weight_bytes(m)
+    platform = np.asarray(mesh.devices).flat[0].platform
+    offload = "none" if platform == "cpu" else cfg.trainer.offload
+    if offload == "optimizer_and_frozen" and mode_of(m) == "full":
+        offload = "optimizer"  # no frozen base without LoRA (train/offload.py)
+    if offload == "optimizer_and_frozen":
+        all_bytes = trained * p_bytes + _offloaded_base_on_device(m)
+        if m.remat == "none":  # what the decoder runs with an offloaded base
+            m = dataclasses.replace(m, remat="save_all_matmuls")
     rl = cfg.run in _RL_RUNS
     # RL rows are prompt + completion, clamped to the model's window as rollouts clamp them
     seq = (min(cfg.trainer.max_prompt_length + cfg.trainer.max_completion_length, m.max_position_embeddings)
@@ -147,7 +166,7 @@ def make_plan(cfg: TrainConfig, mesh: Mesh) -> Plan:
         activations += 2 * layer * act_bytes / model_shards
     return Plan(
         devices=mesh.devices.size,
-        platform=np.asarray(mesh.devices).flat[0].platform,
+        platform=platform,
         mesh_shape=dict(mesh.shape),
         processes=jax.process_count(),
         global_batch=b.global_batch_size,
@@ -163,4 +182,13 @@ def make_plan(cfg: TrainConfig, mesh: Mesh) -> Plan:
         bytes_grads=2 * trained * p_bytes / model_shards,
         bytes_optimizer=2 * trained * p_bytes / model_shards,  # Adam's two moments
         bytes_activations=activations,
+        offload=offload,
     )
+
+
+def _offloaded_base_on_device(m: ModelConfig) -> float:
+    """Bytes of an offloaded base on the device at once: two layers (the one running, the
+    next one arriving), the embedding table and the untied head (fetched whole where used)."""
+    base, _ = weight_bytes(dataclasses.replace(m, lora=dataclasses.replace(m.lora, rank=0)))
+    tables = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2) * _BYTES[m.param_dtype]
+    return tables + 2 * (base - tables) / m.num_hidden_layers
