@@ -48,7 +48,8 @@ def main(argv: list[str]) -> None:
             extra.append(f"model.{arg}")
     cfg = compose(["+run=teacher_sft", *(f"{k}={v}" for k, v in overrides.items()), *extra])
     mesh = placeholder_mesh(cfg)
-    lora, qlora = dataclasses.replace(cfg.model, lora=LORA), dataclasses.replace(cfg.model, lora=LORA, load_in_4bit=True)
+    lora = dataclasses.replace(cfg.model, lora=LORA)
+    qlora = dataclasses.replace(lora, load_in_4bit=True)
     modes = {"full": (cfg.model, "none"), "lora r16": (lora, "none"), "qlora r16": (qlora, "none"),
              "full, offload optimizer": (cfg.model, "optimizer"),
              "lora r16, offload optimizer+base": (lora, "optimizer_and_frozen"),

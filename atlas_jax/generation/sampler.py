@@ -65,7 +65,8 @@ def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_i
         model.config = dataclasses.replace(model.config, scan_layers=False)
     layers = model.layers.unstacked() if unroll_layers else None
     cfg = model.config
-    head = parallel.on_device(model.embed[...]).T if cfg.tie_word_embeddings else parallel.on_device(model.lm_head[...])
+    table = parallel.on_device(model.embed[...] if cfg.tie_word_embeddings else model.lm_head[...])
+    head = table.T if cfg.tie_word_embeddings else table
     head_DV = head.astype(model.dtype) if unroll_layers else None  # copied once, read every step
     B, T = ids_BT.shape
     G, R = num_samples, B * num_samples
