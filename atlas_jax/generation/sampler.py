@@ -4,7 +4,10 @@ The decoder's own KV-cache path does the work (no second copy of the layers). Pr
 left-padded to a power-of-two length, the token budget and the batch are rounded up the
 same way, so calls with similar shapes reuse one compiled program; sampling settings are
 traced values and never recompile. With num_samples=G the prompts are prefilled once and
-the cache is repeated G times (rows prompt-major). Row r's random stream is
+the cache is repeated G times (rows prompt-major). Long budgets decode in segments (a
+quarter, a quarter, a half of the budget) over a cache grown between them, so attention
+reads the slots a segment can fill rather than the whole budget from the first step:
+0.69 of the reads for a full budget. Row r's random stream is
 fold_in(fold_in(key(seed), r), step): deterministic, independent per row, and the same
 whatever the batch padding or the device layout.
 """
@@ -39,6 +42,14 @@ class GenerateOutput:
     lengths: jax.Array
 
 
+SEGMENTED_BUDGET = 256  # budgets from here on decode in segments (one loop body each to compile)
+
+
+def segment_ends(budget: int) -> tuple[int, ...]:
+    """The decode steps at which the cache grows (the last is the budget)."""
+    return (budget // 4, budget // 2, budget) if budget >= SEGMENTED_BUDGET else (budget,)
+
+
 def bucket(n: int, minimum: int = 16) -> int:
     """Next power of two, at least `minimum`."""
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
@@ -54,9 +65,10 @@ def _cache_spec(mesh: Mesh, kv_heads: int) -> P:
     return P(parallel.DATA_AXES, tensor, None, None)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "budget", "num_samples", "sort", "mesh", "unroll_layers"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "budget", "num_samples", "sort", "mesh", "unroll_layers",
+                                             "ends"))
 def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_id, seed,
-             temperature, top_k, top_p, min_p, *, budget, num_samples, sort, mesh, unroll_layers):
+             temperature, top_k, top_p, min_p, *, budget, num_samples, sort, mesh, unroll_layers, ends):
     TRACES["count"] += 1
     model: Decoder = nnx.merge(graphdef, params)
     if unroll_layers:
@@ -71,12 +83,15 @@ def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_i
     B, T = ids_BT.shape
     G, R = num_samples, B * num_samples
     rows = P(parallel.DATA_AXES) if mesh is not None else None
-    cache = KVCache.empty(cfg, B, T + budget)
-    if mesh is not None:
+    def sharded(cache):
+        if mesh is None:
+            return cache
         spec = _cache_spec(mesh, cfg.num_key_value_heads)
         spec = P(None, *spec) if cfg.scan_layers else spec
-        cache = dataclasses.replace(cache, k_LBKSH=jax.tree.map(lambda a: _constrain(a, mesh, spec), cache.k_LBKSH),
-                                    v_LBKSH=jax.tree.map(lambda a: _constrain(a, mesh, spec), cache.v_LBKSH))
+        return dataclasses.replace(cache, k_LBKSH=jax.tree.map(lambda a: _constrain(a, mesh, spec), cache.k_LBKSH),
+                                   v_LBKSH=jax.tree.map(lambda a: _constrain(a, mesh, spec), cache.v_LBKSH))
+
+    cache = sharded(KVCache.empty(cfg, B, T + ends[0]))
     x_BTD, cache = model.forward_with_cache(ids_BT, cache, attention_mask_BT=mask_BT, layer_params=layers)
     logits_BV = model.logits(x_BTD[:, -1:])[:, 0]
 
@@ -94,9 +109,9 @@ def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_i
     base_key = jax.random.key(seed)
     row_keys_R = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_ids_R)
 
-    def cond(state):
+    def cond(end, state):
         step, _, _, _, done_R, *_ = state
-        return (step < max_new) & ~jnp.all(done_R)
+        return (step < jnp.minimum(max_new, end)) & ~jnp.all(done_R)
 
     def body(state):
         step, logits_RV, cache, pos_R, done_R, tokens_RS, logps_RS, lengths_R = state
@@ -116,7 +131,11 @@ def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_i
     state = (jnp.zeros((), jnp.int32), logits_RV, cache, pos_R, done_R,
              jnp.full((R, budget), pad_id, jnp.int32), jnp.zeros((R, budget), jnp.float32),
              jnp.zeros((R,), jnp.int32))
-    _, _, _, _, _, tokens_RS, logps_RS, lengths_R = jax.lax.while_loop(cond, body, state)
+    for i, end in enumerate(ends):
+        if i:  # room for this segment's tokens (a loop that ended early skips the rest at once)
+            state = (*state[:2], sharded(state[2].grown(T + end)), *state[3:])
+        state = jax.lax.while_loop(functools.partial(cond, end), body, state)
+    _, _, _, _, _, tokens_RS, logps_RS, lengths_R = state
     return GenerateOutput(tokens_RS, logps_RS, lengths_R)
 
 
@@ -129,7 +148,8 @@ def _mesh_of(params) -> Optional[Mesh]:
 def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: int = 0, seed: int = 0,
-             num_samples: int = 1, mesh: Optional[Mesh] = None, unroll_layers: bool = True) -> GenerateOutput:
+             num_samples: int = 1, mesh: Optional[Mesh] = None, unroll_layers: bool = True,
+             grow_cache: bool = True) -> GenerateOutput:
     """Continues left-padded prompts [B, T]; see GenerateOutput. temperature=0 is greedy.
 
     Rows are prompt-major: prompt i's samples are rows i*G .. i*G+G-1. `.logprobs` are under
@@ -138,6 +158,8 @@ def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, 
     sharding; the outputs are global arrays. `unroll_layers` trades compile time (grows
     with depth) and one transient copy of the layer weights (sliced out of the stack once per
     call) for decode speed: each step then reads the weights and its cache in place.
+    `grow_cache` decodes budgets from SEGMENTED_BUDGET on in segments over a growing cache
+    (module docstring): less attention reading per step, a loop body to compile per segment.
     """
     ids = np.asarray(input_ids, np.int32)
     mask = np.asarray(attention_mask, np.int32)
@@ -164,6 +186,7 @@ def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, 
     out = _program(graphdef, params, ids_p, mask_p, row_ids, jnp.int32(max_new_tokens), eos,
                    jnp.int32(pad_token_id), jnp.uint32(seed), jnp.float32(temperature), jnp.int32(top_k),
                    jnp.float32(top_p), jnp.float32(min_p), budget=budget, num_samples=num_samples,
-                   sort=bool(top_k > 0 or top_p < 1.0), mesh=mesh, unroll_layers=unroll_layers)
+                   sort=bool(top_k > 0 or top_p < 1.0), mesh=mesh, unroll_layers=unroll_layers,
+                   ends=segment_ends(budget) if grow_cache else (budget,))
     R = B * num_samples
     return GenerateOutput(out.tokens[:R, :max_new_tokens], out.logprobs[:R, :max_new_tokens], out.lengths[:R])

@@ -66,6 +66,14 @@ class KVCache:
             k, v = tuple(jnp.zeros(shape, dtype) for _ in range(L)), tuple(jnp.zeros(shape, dtype) for _ in range(L))
         return cls(k, v, jnp.zeros((batch, slots), jnp.int32), jnp.zeros((), jnp.int32))
 
+    def grown(self, slots: int) -> "KVCache":
+        """The same cache with `slots` slots, the new ones empty (a copy)."""
+        extra = slots - self.segment_ids_BS.shape[1]
+        grow = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, extra), (0, 0)])  # noqa: E731
+        return dataclasses.replace(self, k_LBKSH=jax.tree.map(grow, self.k_LBKSH),
+                                   v_LBKSH=jax.tree.map(grow, self.v_LBKSH),
+                                   segment_ids_BS=jnp.pad(self.segment_ids_BS, ((0, 0), (0, extra))))
+
 
 def _stacked(kv):
     return jnp.stack(kv) if isinstance(kv, (tuple, list)) else kv

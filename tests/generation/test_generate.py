@@ -8,7 +8,7 @@ import torch
 
 from atlas_jax.config import MeshConfig, ModelConfig
 from atlas_jax.generation import filtered_logits, generate, sample_tokens
-from atlas_jax.generation.sampler import TRACES
+from atlas_jax.generation.sampler import TRACES, bucket, segment_ends
 from atlas_jax.models import from_pretrained, init_model
 from atlas_jax.parallel import make_mesh
 
@@ -136,3 +136,25 @@ def test_sharded_greedy_equals_single_device(tiny):
     single = np.asarray(generate(tiny, ids, mask, max_new_tokens=6).tokens)
     out = generate(sharded, ids, mask, max_new_tokens=6, num_samples=2)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.repeat(single, 2, axis=0))
+
+
+def test_long_budgets_decode_in_segments_like_a_full_forward(tiny):
+    """A budget from SEGMENTED_BUDGET on decodes in segments over a growing cache. Every
+    sampled token's logprob equals the full forward's over prompt + completion, across the
+    segment boundaries too, and 8 devices give the single device's greedy tokens."""
+    ids, mask = _prompts()
+    ids, G, new = ids % 64, 2, 300
+    assert segment_ends(bucket(new)) == (128, 256, 512)
+    out = generate(tiny, ids, mask, max_new_tokens=new, temperature=1.0, num_samples=G, seed=5)
+    tokens, logps = np.asarray(out.tokens), np.asarray(out.logprobs)
+    assert tokens.shape == (3 * G, new) and (np.asarray(out.lengths) == new).all()
+    full_ids = np.concatenate([np.repeat(ids, G, 0), tokens], axis=1)
+    full_mask = np.concatenate([np.repeat(mask, G, 0), np.ones_like(tokens)], axis=1)
+    logits = jax.nn.log_softmax(tiny(jnp.asarray(full_ids), jnp.asarray(full_mask)), axis=-1)
+    expected = np.take_along_axis(np.asarray(logits[:, ids.shape[1] - 1:-1]), tokens[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(logps, expected, atol=2e-4)
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    sharded = init_model(tiny.config, mesh=mesh, seed=0)
+    single = np.asarray(generate(tiny, ids, mask, max_new_tokens=new).tokens)
+    np.testing.assert_array_equal(np.asarray(generate(sharded, ids, mask, max_new_tokens=new).tokens), single)
