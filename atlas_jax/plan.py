@@ -16,6 +16,7 @@ on a laptop; tests/test_plan.py holds it to the compiled step's memory analysis.
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import jax
 import numpy as np
@@ -126,6 +127,15 @@ class Plan:
             f"  total        {gib(self.bytes_total)}",
         ]
         return "\n".join(rows)
+
+
+def placeholder_mesh(shape: dict, platform: str = "gpu"):
+    """A mesh-like stand-in of `shape` ({axis: ways}) over fake `platform` devices: enough
+    for make_plan, so a plan for 8 GPUs needs no GPU."""
+    count = int(np.prod(list(shape.values())))
+    devices = np.array([types.SimpleNamespace(platform=platform, id=i) for i in range(count)])
+    return types.SimpleNamespace(shape=dict(shape), devices=devices.reshape(tuple(shape.values())),
+                                 axis_names=tuple(shape))
 
 
 def _billions(n: int) -> str:

@@ -58,7 +58,7 @@ def _timed(fn) -> float:
 
 
 def ours(batch: int, prompt: int):
-    """(generate(n) -> seconds, bytes of weights, compile seconds)."""
+    """(generate(n) -> seconds, the model)."""
     import jax
 
     from atlas_jax.config import ModelConfig
@@ -73,7 +73,7 @@ def ours(batch: int, prompt: int):
     def run(n):
         return _timed(lambda: jax.block_until_ready(generate(model, ids, mask, max_new_tokens=n).tokens))
 
-    return run, sum(x.nbytes for x in jax.tree.leaves(model)), cfg, model
+    return run, model
 
 
 def matmul_floor(model, batch: int, reps: int) -> float:
@@ -133,7 +133,8 @@ def main():
     short = bucket(new) // 2 + 1
     assert bucket(short) == bucket(new) and short < new, "--new must leave room for a shorter run in its bucket"
     budgets = np.linspace(short, new, 5).round().astype(int).tolist()
-    run_ours, weight_bytes, cfg, model = ours(B, args.prompt)
+    run_ours, model = ours(B, args.prompt)
+    cfg, weight_bytes = model.config, sum(x.nbytes for x in jax.tree.leaves(model))
     start = time.perf_counter()
     first = run_ours(new)
     run_torch = None if args.skip_torch else pytorch(B, args.prompt)

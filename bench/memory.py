@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import types
 
 import numpy as np
-from jax.sharding import Mesh
 
 from atlas_jax import plan
 from atlas_jax.config import LoraConfig, compose
@@ -25,16 +23,14 @@ LORA = LoraConfig(rank=16, alpha=32.0, target_modules=("q_proj", "k_proj", "v_pr
                                                        "up_proj", "down_proj"))
 
 
-def placeholder_mesh(cfg) -> Mesh:
-    """A mesh of the preset's shape over stand-in GPU devices (planning needs no hardware)."""
+def preset_mesh_shape(cfg) -> dict:
+    """The mesh preset's {axis: ways}, with -1 (the rest of the devices) taken as 8 devices."""
     shape = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
     count = 8 if -1 in shape.values() else 1
     for axis, ways in shape.items():
         if ways == -1:
             shape[axis] = count // int(np.prod([w for w in shape.values() if w != -1]))
-    devices = np.array([types.SimpleNamespace(platform="gpu", id=i) for i in range(int(np.prod(list(shape.values()))))])
-    return types.SimpleNamespace(shape=shape, devices=devices.reshape(tuple(shape.values())),
-                                 axis_names=tuple(shape))
+    return shape
 
 
 def main(argv: list[str]) -> None:
@@ -47,7 +43,7 @@ def main(argv: list[str]) -> None:
         else:
             extra.append(f"model.{arg}")
     cfg = compose(["+run=teacher_sft", *(f"{k}={v}" for k, v in overrides.items()), *extra])
-    mesh = placeholder_mesh(cfg)
+    mesh = plan.placeholder_mesh(preset_mesh_shape(cfg))
     lora = dataclasses.replace(cfg.model, lora=LORA)
     qlora = dataclasses.replace(lora, load_in_4bit=True)
     modes = {"full": (cfg.model, "none"), "lora r16": (lora, "none"), "qlora r16": (qlora, "none"),

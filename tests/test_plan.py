@@ -72,23 +72,19 @@ def test_rl_plan_sequence_is_clamped_to_the_model_window():
 def test_offload_counts_on_gpu_and_is_ignored_on_cpu():
     """What the recipes run: CPU ignores trainer.offload (train/offload.py), a full
     fine-tune has no frozen base to offload, and an offloaded LoRA base leaves the device."""
-    import types
-
-    import numpy as np
-
     cfg = TrainConfig(run="teacher_sft", model=MODES["lora"], data=DataConfig(max_length=512),
                       trainer=TrainerConfig(max_steps=10, offload="optimizer_and_frozen"),
                       batch=BatchConfig(global_batch_size=4, micro_batch_size=2))
     cpu = parallel.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
     assert plan.make_plan(cfg, cpu).offload == "none"
-    gpu = types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1}, axis_names=("data", "fsdp", "tensor"),
-                                devices=np.array([types.SimpleNamespace(platform="gpu", id=0)]).reshape(1, 1, 1))
+    gpu = plan.placeholder_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     on_device = plan.make_plan(dataclasses.replace(cfg, trainer=TrainerConfig(max_steps=10)), gpu)
     offloaded = plan.make_plan(cfg, gpu)
     assert offloaded.offload == "optimizer_and_frozen"
     assert offloaded.bytes_params < on_device.bytes_params / 2
     assert offloaded.bytes_total < on_device.bytes_total
-    full = plan.make_plan(dataclasses.replace(cfg, model=MODES["full"]), gpu)
-    assert full.offload == "optimizer"
-    assert full.bytes_total == full.bytes_params + full.bytes_grads + max(full.bytes_optimizer,
-                                                                          full.bytes_activations)
+    full = dataclasses.replace(cfg, model=MODES["full"])
+    offloaded_full = plan.make_plan(full, gpu)
+    assert offloaded_full.offload == "optimizer"  # no frozen base: the optimizer alone moves
+    assert offloaded_full.bytes_total < plan.make_plan(dataclasses.replace(full, trainer=TrainerConfig(max_steps=10)),
+                                                       gpu).bytes_total
