@@ -92,7 +92,7 @@ def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_i
                                    v_LBKSH=jax.tree.map(lambda a: _constrain(a, mesh, spec), cache.v_LBKSH))
 
     cache = sharded(KVCache.empty(cfg, B, T + ends[0]))
-    x_BTD, cache = model.forward_with_cache(ids_BT, cache, attention_mask_BT=mask_BT, layer_params=layers)
+    x_BTD, cache = model.forward_with_cache(ids_BT, cache, attention_mask=mask_BT, layer_params=layers)
     logits_BV = model.logits(x_BTD[:, -1:])[:, 0]
 
     # G samples per prompt share one prefill: repeat its cache and last logits (prompt-major)

@@ -321,16 +321,18 @@ class Decoder(nnx.Module):
     def remat(self) -> str:
         return self.config.remat
 
-    def __call__(self, input_ids_BT, attention_mask_BT=None, *, positions_BT=None, segment_ids_BT=None,
+    def __call__(self, input_ids, attention_mask=None, *, positions_BT=None, segment_ids_BT=None,
                  dropout_keys_B=None):
-        x_BTD = self.hidden_states(input_ids_BT, attention_mask_BT, positions_BT=positions_BT,
+        """input_ids [B, T] (+ attention_mask [B, T], 1 = token, left padding honoured) ->
+        float32 logits [B, T, V]. Keyword names are the ecosystem's (DESIGN.md contract)."""
+        x_BTD = self.hidden_states(input_ids, attention_mask, positions_BT=positions_BT,
                                    segment_ids_BT=segment_ids_BT, dropout_keys_B=dropout_keys_B)
         return self.logits(x_BTD)
 
-    def hidden_states(self, input_ids_BT, attention_mask_BT=None, *, positions_BT=None, segment_ids_BT=None,
+    def hidden_states(self, input_ids, attention_mask=None, *, positions_BT=None, segment_ids_BT=None,
                       dropout_keys_B=None):
         """Final normed activations x_BTD; pair with `logits` for chunked losses."""
-        x_BTD, _ = self.forward_with_cache(input_ids_BT, None, attention_mask_BT=attention_mask_BT,
+        x_BTD, _ = self.forward_with_cache(input_ids, None, attention_mask=attention_mask,
                                            positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
                                            dropout_keys_B=dropout_keys_B)
         return x_BTD
@@ -348,7 +350,7 @@ class Decoder(nnx.Module):
         return jnp.einsum("BTD,DV->BTV", x_BTD, parallel.on_device(self.lm_head[...]).astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
-    def forward_with_cache(self, input_ids_BT, cache: Optional[KVCache], *, attention_mask_BT=None,
+    def forward_with_cache(self, input_ids, cache: Optional[KVCache], *, attention_mask=None,
                            positions_BT=None, segment_ids_BT=None, layer_params=None, dropout_keys_B=None):
         """Runs the stack; with a cache, writes T new slots at cache.index and advances it.
 
@@ -360,6 +362,7 @@ class Decoder(nnx.Module):
         (models/lora.py); without it the forward is deterministic.
         """
         cfg = self.config
+        input_ids_BT, attention_mask_BT = input_ids, attention_mask
         B, T = input_ids_BT.shape
         if segment_ids_BT is None:
             segment_ids_BT = (jnp.ones((B, T), jnp.int32) if attention_mask_BT is None

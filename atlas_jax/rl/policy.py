@@ -79,7 +79,7 @@ def make_grpo_loss(graphdef: nnx.GraphDef, trainer: TrainerConfig) -> Callable:
     return loss_fn
 
 
-def make_logprob_fn(graphdef: nnx.GraphDef, mesh: Mesh, params_shardings, temperature: float,
+def make_logprob_fn(graphdef: nnx.GraphDef, mesh: Mesh, shardings, temperature: float,
                     accum_steps: int = 1) -> Callable:
     """Jitted (params, batch) -> logp_BT, for the reference and old-policy passes.
 
@@ -95,7 +95,7 @@ def make_logprob_fn(graphdef: nnx.GraphDef, mesh: Mesh, params_shardings, temper
         return logp_ABT.swapaxes(0, 1).reshape(A * b, T)
 
     data = NamedSharding(mesh, P(parallel.DATA_AXES))
-    return jax.jit(logprobs, in_shardings=(params_shardings, data), out_shardings=data)
+    return jax.jit(logprobs, in_shardings=(shardings, data), out_shardings=data)
 
 
 def make_ref_mixup(params_shardings) -> Callable:

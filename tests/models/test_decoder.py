@@ -37,7 +37,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(model):
     full = np.asarray(model(ids, mask))
     prompt = 6
     cache = KVCache.empty(CFG, batch=2, slots=16)
-    x, cache = model.forward_with_cache(ids[:, :prompt], cache, attention_mask_BT=mask[:, :prompt])
+    x, cache = model.forward_with_cache(ids[:, :prompt], cache, attention_mask=mask[:, :prompt])
     steps = [model.logits(x)]
     next_pos = jnp.sum(mask[:, :prompt], axis=1)
     for t in range(prompt, 10):
