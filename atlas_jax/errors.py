@@ -2,7 +2,8 @@
 
 Hydra and OmegaConf report a bad override or YAML key over several lines (message,
 full_key, reference_type, the config search path). A user needs the key, the value
-and the way out; `one_line` extracts them. Anything that is not a usage error returns
+and the way out; `one_line` extracts them, and an unknown key gets the key that replaces
+it (atlas_jax/migration.py). Anything that is not a usage error returns
 None so the caller re-raises it with its traceback: bugs keep their stack.
 """
 
@@ -12,8 +13,9 @@ import re
 from typing import Optional
 
 from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from atlas_jax import migration
 from atlas_jax.config import UsageError
 
 _NOISE = ("full_key:", "reference_type=", "object_type=", "Config search path", "provider=",
@@ -28,7 +30,18 @@ def _from_omegaconf(error: OmegaConfBaseException, where: str = "") -> str:
     key = getattr(error, "full_key", None)
     first = next((l for l in _lines(error) if not l.startswith(_NOISE)), type(error).__name__)
     prefix = f"{key}: " if key else ""
-    return f"{prefix}{first}{where}"
+    return f"{prefix}{first}{where}{_unknown_key_hint(error, key)}"
+
+
+def _unknown_key_hint(error: OmegaConfBaseException, key: Optional[str]) -> str:
+    """The tail for an unknown key: "; use model.dtype" for an ATLAS/TRL/HF Trainer name,
+    "; did you mean trainer.learning_rate?" for a near miss (atlas_jax/migration.py)."""
+    if not key or not isinstance(error, (ConfigKeyError, ConfigAttributeError)):
+        return ""
+    if not re.search(r"Key '[^']+' not in '", str(error)):  # e.g. a missing value, not an unknown key
+        return ""
+    found = migration.hint(key)
+    return f"; {found}" if found else ""
 
 
 def _from_hydra(error: HydraException) -> str:
