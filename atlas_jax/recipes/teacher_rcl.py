@@ -62,8 +62,9 @@ def run(cfg: TrainConfig, mesh) -> dict:
     state, shardings = policy.create_rl_state(params, optimizer, mesh, seed=cfg.seed,
                                               with_ref=t.beta > 0 and frozen is None)
     state, shardings, frozen = offload.apply(state, shardings, frozen, offload.resolve(t.offload, mesh))
-    # after offload: a student that is the teacher's base shares the (possibly host) frozen arrays
-    student, student_tok = (load_student(cfg, mesh, graphdef, params, tokenizer, frozen) if teaching
+    # After offload, a student that is the teacher's base shares the (possibly host) frozen
+    # arrays; `params` were donated into the state, so the student is built from state.params.
+    student, student_tok = (load_student(cfg, mesh, graphdef, state.params, tokenizer, frozen) if teaching
                             else (None, None))
     checkpointer = Checkpointer(str(out / "checkpoints"), save_steps=t.save_steps, max_to_keep=t.save_total_limit)
     state = checkpoint.resume(checkpointer, cfg.resume_from, state, prompts)

@@ -139,8 +139,11 @@ def resume(checkpointer: Checkpointer, resume_from: Optional[str], state, iterat
         directory, step = resolve(resume_from)
     else:
         return state
-    restored = Checkpointer(directory, save_steps=checkpointer.save_steps, max_to_keep=None,
-                            read_only=True).restore(abstract_of(state), step=step)
+    source = Checkpointer(directory, save_steps=checkpointer.save_steps, max_to_keep=None, read_only=True)
+    try:
+        restored = source.restore(abstract_of(state), step=step)
+    finally:
+        source.close()  # an unclosed manager's async machinery outlives its event loop
     if restored["data_state"] is not None:
         iterator.set_state(restored["data_state"])
     print(f"resumed from {directory} at step {restored['step']}", flush=True)
@@ -157,16 +160,22 @@ def restore_params(checkpoint_dir: str, step: Optional[int], abstract_params) ->
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     ckpt = Checkpointer(directory, save_steps=1, max_to_keep=None, async_save=False, read_only=True)
-    step = step if step is not None else dir_step
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"checkpoint directory {directory} holds no committed checkpoint")
-    target = {"params": abstract_params}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
     try:
-        restored = ckpt._manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
-    except (ValueError, KeyError) as error:
-        raise CheckpointError(f"checkpoint {directory}/{step} does not match this model: "
-                              f"{str(error).splitlines()[0]}") from error
+        step = step if step is not None else dir_step
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"checkpoint directory {directory} holds no committed checkpoint")
+        if step not in ckpt.all_steps():
+            have = ", ".join(map(str, ckpt.all_steps())) or "none"
+            raise CheckpointError(f"no committed checkpoint at step {step} in {directory} (steps: {have})")
+        target = {"params": abstract_params}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        try:
+            restored = ckpt._manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"checkpoint {directory}/{step} does not match this model: "
+                                  f"{str(error).splitlines()[0]}") from None
+    finally:
+        ckpt.close()  # closed before any error leaves: no async noise after the message
     return restored[STATE]["params"], step
