@@ -27,7 +27,9 @@ def _main(raw: DictConfig) -> None:
     for noisy in ("jax", "absl", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        _run(config_lib.to_config(raw))
+        from hydra.core.hydra_config import HydraConfig
+
+        _run(config_lib.to_config(raw, HydraConfig.get().overrides.task))
     except Exception as error:  # noqa: BLE001
         message = one_line(error)
         if message is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -227,6 +227,9 @@ class TrainConfig:
     checkpoint_step: Optional[int] = None
     export_dir: Optional[str] = None
     dry_run: bool = False
+    # +run=quickstart only: overrides added to each of its phases, e.g. a smoke run's
+    # 'phase_overrides=[trainer.max_steps=3]'
+    phase_overrides: tuple[str, ...] = ()
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
@@ -290,13 +293,97 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def to_config(raw: DictConfig) -> TrainConfig:
-    """Composed Hydra config -> validated, frozen, hashable TrainConfig."""
+def to_config(raw: DictConfig, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Composed Hydra config -> validated, frozen, hashable TrainConfig.
+
+    `overrides` are the command line's (Hydra's task overrides): evaluate and export take
+    what the command line does not set from the training run's saved config.yaml.
+    """
+    raw = inherit_training_config(raw, overrides)
+    _reject_unknown_keys(raw, TrainConfig)
     cfg = _hashable(OmegaConf.to_object(raw))
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"config root is {type(cfg).__name__}, expected TrainConfig (is 'train_schema' first in defaults?)")
     validate(cfg)
     return cfg
+
+
+# What evaluate/export take from the training run: the model as trained (architecture,
+# checkpoint path, tokenizer, LoRA/QLoRA, dtype), the student and generation budgets
+# (trainer, reward), the eval batch and the seed (a LoRA base at random init is rebuilt
+# from it). The data only when it was RL prompts: an SFT run's traces are no eval set.
+INHERITED = ("model", "trainer", "reward", "batch", "seed", "data")
+_INFERENCE_RUNS = ("evaluate", "export")
+
+
+def _override_key(override: str) -> str:
+    """'+model.lora.rank=4' -> 'model.lora.rank'; 'model=tiny' -> 'model'."""
+    return override.split("=", 1)[0].lstrip("+~").strip()
+
+
+def training_config_path(checkpoint: str) -> pathlib.Path:
+    """<run>/config.yaml for '<run>/checkpoints' or '<run>/checkpoints/<step>'."""
+    path = pathlib.Path(checkpoint).expanduser().resolve()
+    if path.name.isdigit():
+        path = path.parent
+    return path.parent / "config.yaml"
+
+
+def inherit_training_config(raw: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """For +run=evaluate/export: the INHERITED sections from the checkpoint's run, with the
+    command line's own overrides (`model=...`, `model.dtype=...`) applied on top."""
+    if raw.get("run") not in _INFERENCE_RUNS or not raw.get("checkpoint"):
+        return raw
+    path = training_config_path(raw.checkpoint)
+    if not path.is_file():
+        print(f"{raw.run}: no config.yaml beside {raw.checkpoint}; the model and student are the "
+              "command line's", flush=True)
+        return raw
+    try:
+        saved = OmegaConf.merge(_writable(OmegaConf.structured(TrainConfig)), OmegaConf.load(path))
+    except Exception as error:  # noqa: BLE001 - a foreign or damaged file: one line either way
+        raise ConfigError(f"{path}: not a training config this version can read "
+                          f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    keys = [_override_key(o) for o in overrides]
+    merged = raw.copy()
+    taken = []
+    for section in INHERITED:
+        if section in keys:  # a group or value the command line chose outright
+            continue
+        if section == "data" and saved.data.kind != "rl":
+            continue
+        value = saved[section]
+        if isinstance(value, DictConfig):
+            value = value.copy()
+            for key in keys:  # model.dtype=... on the command line wins over the saved model
+                if key.startswith(section + "."):
+                    OmegaConf.update(value, key[len(section) + 1:], OmegaConf.select(raw, key), merge=False)
+        merged[section] = value
+        taken.append(section)
+    own = [k for k in keys if k.split(".")[0] in INHERITED]
+    print(f"{raw.run}: {', '.join(taken)} from {path}"
+          + (f"; command line: {', '.join(own)}" if own else ""), flush=True)
+    return merged
+
+
+def _reject_unknown_keys(node: DictConfig, schema, prefix: str = "") -> None:
+    """Keys added with `+group.key=...` that the schema lacks: one line (with the ATLAS
+    name's replacement or a near miss), not a FrozenInstanceError from the dataclass."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            if prefix == "" and key == "hydra":
+                continue
+            from atlas_jax import migration  # it reads this module's dataclasses
+
+            hint = migration.hint(full)
+            raise ConfigError(f"{full}: Key '{key}' not in '{schema.__name__}'" + (f"; {hint}" if hint else ""))
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(fields[key].default_factory
+                                                                      if callable(fields[key].default_factory)
+                                                                      else None):
+            _reject_unknown_keys(child, fields[key].default_factory, f"{full}.")
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -434,9 +521,9 @@ def compose(overrides: list[str]) -> TrainConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():  # inside main.py's Hydra app
-        return to_config(hydra_compose(config_name="train", overrides=overrides))
+        return to_config(hydra_compose(config_name="train", overrides=overrides), overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return to_config(hydra_compose(config_name="train", overrides=overrides))
+        return to_config(hydra_compose(config_name="train", overrides=overrides), overrides)
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -29,6 +29,7 @@ from atlas_jax.parallel import MESH_AXES, data_parallel_size
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _RL_RUNS = ("teacher_rcl", "grpo")
+_INFERENCE_RUNS = ("evaluate", "export")
 
 
 def _activation_elements_per_token(m: ModelConfig, tensor: int) -> tuple[float, float]:
@@ -145,6 +146,8 @@ def _billions(n: int) -> str:
 
 def make_plan(cfg: TrainConfig, mesh: Mesh) -> Plan:
     """Validates the batch arithmetic against the mesh and estimates memory per device."""
+    if cfg.run in _INFERENCE_RUNS:
+        return _inference_plan(cfg, mesh)
     m, b = cfg.model, cfg.batch
     dp = data_parallel_size(mesh)
     accum = accumulation_steps(b.global_batch_size, b.micro_batch_size, dp)
@@ -202,3 +205,27 @@ def _offloaded_base_on_device(m: ModelConfig) -> float:
     base, _ = weight_bytes(dataclasses.replace(m, lora=dataclasses.replace(m.lora, rank=0)))
     tables = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2) * _BYTES[m.param_dtype]
     return tables + 2 * (base - tables) / m.num_hidden_layers
+
+
+def _inference_plan(cfg: TrainConfig, mesh: Mesh) -> Plan:
+    """Evaluate / export: the weights (LoRA adapters merged or not, as stored), no gradients,
+    no optimizer; activations are one greedy generation of the eval batch: the KV cache of
+    prompt + completion and one layer's working set over the prompt."""
+    m = cfg.model
+    model_shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    dp = data_parallel_size(mesh)
+    rows = -(-cfg.batch.eval_batch_size // dp) if cfg.run == "evaluate" else 0
+    seq = min(cfg.trainer.max_prompt_length + cfg.trainer.max_completion_length, m.max_position_embeddings)
+    act = _BYTES[m.dtype]
+    _, working = _activation_elements_per_token(m, mesh.shape["tensor"])
+    kv_per_token = 2 * m.num_hidden_layers * m.num_key_value_heads * m.resolved_head_dim / mesh.shape["tensor"]
+    logits = m.vocab_size * 4 / mesh.shape["tensor"]
+    all_bytes, _ = weight_bytes(m)
+    return Plan(
+        devices=mesh.devices.size, platform=np.asarray(mesh.devices).flat[0].platform,
+        mesh_shape=dict(mesh.shape), processes=jax.process_count(), global_batch=cfg.batch.eval_batch_size,
+        micro_batch=rows, data_parallel=dp, accumulation=1, seq_len=seq, params=param_count(m),
+        mode=f"{mode_of(m)}, inference", trainable=0, bytes_params=all_bytes / model_shards, bytes_grads=0.0,
+        bytes_optimizer=0.0,
+        bytes_activations=rows * (seq * kv_per_token * act + cfg.trainer.max_prompt_length * working * act + logits),
+    )
