@@ -105,16 +105,30 @@ def _read_hub(cfg: DataConfig, split: str) -> list[Any]:
     return list(ds)
 
 
-def _synthetic_rows(cfg: DataConfig) -> list[dict]:
-    n, seed = cfg.num_synthetic_examples, cfg.synthetic_seed
-    return synthetic.sft_records(n, seed) if cfg.kind == "sft" else synthetic.rl_records(n, seed)
+# Built-in sets, generated from (data.num_synthetic_examples, data.synthetic_seed):
+# name -> {data.kind: generator}. The synthetic_world_* sets are the teaching world of
+# data/synthetic.py (its student's traces, its teacher's traces, its problems).
+BUILTIN = {
+    SYNTHETIC: {"sft": synthetic.sft_records, "rl": synthetic.rl_records},
+    "synthetic_world_student": {"sft": synthetic.world_student_records},
+    "synthetic_world_teacher": {"sft": synthetic.world_teacher_records},
+    "synthetic_world": {"rl": synthetic.world_rl_records},
+}
+
+
+def _builtin_rows(cfg: DataConfig) -> list[dict]:
+    generators = BUILTIN[cfg.dataset_id_or_path]
+    if cfg.kind not in generators:
+        raise DataError(f"data.dataset_id_or_path={cfg.dataset_id_or_path!r} is a built-in "
+                        f"{'/'.join(generators)} set, but data.kind={cfg.kind!r}")
+    return generators[cfg.kind](cfg.num_synthetic_examples, cfg.synthetic_seed)
 
 
 def read_rows(cfg: DataConfig, split: Optional[str] = None) -> tuple[list[Any], str]:
     """(raw rows, origin) of the configured source; `split` overrides cfg.split (hub only)."""
     source = cfg.dataset_id_or_path
-    if source == SYNTHETIC:
-        return _synthetic_rows(cfg), f"{SYNTHETIC}(seed={cfg.synthetic_seed})"
+    if source in BUILTIN:
+        return _builtin_rows(cfg), f"{source}(seed={cfg.synthetic_seed})"
     path = Path(source).expanduser()
     if path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():

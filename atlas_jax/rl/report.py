@@ -117,3 +117,92 @@ def write_report(report: dict, directory: pathlib.Path, title: str = "Teaching e
     paths["markdown"].write_text(render_markdown(report, title))
     plot_outcomes(report, paths["chart"], title)
     return {k: str(v) for k, v in paths.items()}
+
+
+def reward_curve(metrics_jsonl: pathlib.Path) -> list[tuple[int, float]]:
+    """(step, mean reward) of every training row of a run's metrics.jsonl."""
+    if not metrics_jsonl.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    curve = {int(r["step"]): float(r["reward"]) for r in rows if isinstance(r.get("reward"), (int, float))}
+    return sorted(curve.items())
+
+
+def render_comparison(reports: dict) -> str:
+    """Side-by-side Markdown of the SFT and RCL teachers' reports (same student, same problems)."""
+    sft_r, rcl_r = reports["sft_teacher"], reports["rcl_teacher"]
+    pct = lambda r, k: f"{100 * r[k]:.1f}%"  # noqa: E731
+    rows = [
+        "# Teaching effect: SFT teacher vs RCL teacher",
+        "",
+        f"The same frozen student on the same {rcl_r['num_scored']} held-out problems, greedy decoding.",
+        "",
+        "| figure | no teacher | SFT teacher | RCL teacher |",
+        "| --- | --- | --- | --- |",
+        f"| student accuracy | {pct(sft_r, 'baseline_accuracy')} | {pct(sft_r, 'accuracy_with_guidance')} | "
+        f"{pct(rcl_r, 'accuracy_with_guidance')} |",
+    ]
+    for label, key in (("improvement rate", "improvement_rate"), ("degradation rate", "degradation_rate"),
+                       ("non-degradation rate", "non_degradation_rate")):
+        rows.append(f"| {label} | | {pct(sft_r, key)} | {pct(rcl_r, key)} |")
+    rows.append(f"| mean guidance tokens | | {sft_r['mean_guidance_tokens']:.1f} | "
+                f"{rcl_r['mean_guidance_tokens']:.1f} |")
+    for outcome in OUTCOMES:
+        rows.append(f"| {outcome.replace('_', ' ')} | | {sft_r['outcomes'][outcome]} | "
+                    f"{rcl_r['outcomes'][outcome]} |")
+    return "\n".join([*rows, "", "![comparison](comparison.png)"]) + "\n"
+
+
+def plot_comparison(reports: dict, curve: list[tuple[int, float]], path: pathlib.Path) -> None:
+    """Left: accuracy alone / with each teacher, with each teacher's outcome shares stacked;
+    right: the RCL reward curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sft_r, rcl_r = reports["sft_teacher"], reports["rcl_teacher"]
+    fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120, gridspec_kw={"width_ratios": [1.3, 1]})
+    labels = ["no teacher", "SFT teacher", "RCL teacher"]
+    accuracy = [sft_r["baseline_accuracy"], sft_r["accuracy_with_guidance"], rcl_r["accuracy_with_guidance"]]
+    ax.bar(labels, accuracy, color=["#9e9e9e", "#64b5f6", "#1565c0"], width=0.5)
+    for x, a in enumerate(accuracy):
+        ax.text(x, a + 0.02, f"{100 * a:.0f}%", ha="center")
+    colors = dict(zip(OUTCOMES, ["#2e7d32", "#81c784", "#bdbdbd", "#c62828"]))
+    for x, report in ((1.33, sft_r), (2.33, rcl_r)):  # outcome shares beside each teacher's bar
+        n, bottom = max(sum(report["outcomes"].values()), 1), 0.0
+        for outcome in OUTCOMES:
+            share = report["outcomes"][outcome] / n
+            ax.bar(x, share, bottom=bottom, width=0.12, color=colors[outcome],
+                   label=outcome.replace("_", " ") if x < 2 else None)
+            bottom += share
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("share of problems")
+    ax.set_title("student accuracy (bars) and outcomes (stacked)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", frameon=False)
+    if curve:
+        steps, rewards = zip(*curve)
+        ax_r.plot(steps, rewards, color="#1565c0", lw=1, alpha=0.5)
+        window = max(len(rewards) // 6, 1)
+        smooth = np.convolve(rewards, np.ones(window) / window, mode="valid")
+        ax_r.plot(steps[window - 1:], smooth, color="#1565c0", lw=2, label=f"mean of {window} steps")
+        ax_r.legend(fontsize=7, frameon=False)
+    ax_r.set_xlabel("RCL step")
+    ax_r.set_ylabel("mean reward")
+    ax_r.set_title("RCL reward", fontsize=10)
+    for a in (ax, ax_r):
+        a.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_comparison(reports: dict, directory: pathlib.Path, rewards_from: pathlib.Path) -> dict[str, str]:
+    """comparison.json ({"sft_teacher": report, "rcl_teacher": report}), comparison.md and
+    comparison.png in `directory`; returns their paths."""
+    paths = {"json": directory / "comparison.json", "markdown": directory / "comparison.md",
+             "chart": directory / "comparison.png"}
+    paths["json"].write_text(json.dumps(reports, indent=2) + "\n")
+    paths["markdown"].write_text(render_comparison(reports))
+    plot_comparison(reports, reward_curve(rewards_from), paths["chart"])
+    return {k: str(v) for k, v in paths.items()}
