@@ -24,8 +24,11 @@ log = logging.getLogger("atlas_jax")
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def _main(raw: DictConfig) -> None:
     # Hydra sets the root logger to INFO; JAX backend probing and Orbax progress are noise there.
-    for noisy in ("jax", "absl", "orbax"):
+    for noisy in ("jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Orbax logs through absl at WARNING for routine facts (a read-only manager, a metadata
+    # file it falls back from); real failures reach the user as exceptions.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         from hydra.core.hydra_config import HydraConfig
 

@@ -228,7 +228,7 @@ class TrainConfig:
     export_dir: Optional[str] = None
     dry_run: bool = False
     # +run=quickstart only: overrides added to each of its phases, e.g. a smoke run's
-    # 'phase_overrides=[trainer.max_steps=3]'
+    # 'phase_overrides=["trainer.max_steps=3"]'
     phase_overrides: tuple[str, ...] = ()
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

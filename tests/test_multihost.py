@@ -30,8 +30,9 @@ from atlas_jax.config import compose
 from atlas_jax.recipes.evaluate import restore_teacher
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SFT = ["+run=teacher_sft", "model=tiny", "data=synthetic_math_sft", "batch=quickstart", "mesh=cpu",
-       "trainer.max_steps=3", "data.max_length=256", "data.num_synthetic_examples=200",
+# README's launcher command, then the small overrides a test can afford
+SFT = ["+run=teacher_sft", "model=tiny", "data=synthetic_math_sft", "data.max_length=256", "mesh=cpu",
+       "batch=quickstart", "trainer.max_steps=3", "data.num_synthetic_examples=200",
        "trainer.eval_steps=1000", "trainer.report_to=[]"]
 RCL = ["+run=teacher_rcl", "model=tiny", "trainer.student_model=tiny", "data=synthetic_math_rl", "mesh=cpu",
        "trainer.max_steps=2", "batch=quickstart", "trainer.num_generations=4", "trainer.max_prompt_length=128",

@@ -14,6 +14,7 @@ import os
 from typing import Any, Optional
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -150,6 +151,36 @@ def resume(checkpointer: Checkpointer, resume_from: Optional[str], state, iterat
     return restored["state"]
 
 
+def _flat_shapes(tree) -> dict:
+    """{('layers', 'q_proj', 'value'): shape} for arrays, ShapeDtypeStructs and Orbax metadata."""
+    name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))  # noqa: E731
+    return {tuple(name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_shapes(step_dir: str, abstract_params) -> None:
+    """Compares the stored parameters' shapes with the model's before any array is read: a
+    restore that fails half-way leaves Orbax reads in flight that outlive their event loop."""
+    try:
+        with ocp.PyTreeCheckpointer() as reader:
+            stored = reader.metadata(os.path.join(step_dir, STATE)).item_metadata.tree.get("params")
+    except Exception as error:  # noqa: BLE001 - any unreadable metadata is one line
+        raise CheckpointError(f"checkpoint {step_dir} is unreadable (half-written or not an atlas_jax "
+                              f"checkpoint): {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                              ) from None
+    if stored is None:
+        raise CheckpointError(f"checkpoint {step_dir} holds no parameters")
+    have, want = _flat_shapes(stored), _flat_shapes(abstract_params)
+    for key, shape in want.items():
+        if key not in have:
+            raise CheckpointError(f"checkpoint {step_dir} does not match this model: it has no "
+                                  f"{'/'.join(key[:-1] if key[-1] == 'value' else key)}")
+        if have[key] != shape:
+            raise CheckpointError(f"checkpoint {step_dir} does not match this model: "
+                                  f"{'/'.join(key[:-1] if key[-1] == 'value' else key)} is {have[key]} there, "
+                                  f"{shape} here (check model=, or the run's config.yaml)")
+
+
 def restore_params(checkpoint_dir: str, step: Optional[int], abstract_params) -> tuple[Any, int]:
     """Params only (no optimizer state is read), onto `abstract_params`' shardings.
 
@@ -168,6 +199,7 @@ def restore_params(checkpoint_dir: str, step: Optional[int], abstract_params) ->
         if step not in ckpt.all_steps():
             have = ", ".join(map(str, ckpt.all_steps())) or "none"
             raise CheckpointError(f"no committed checkpoint at step {step} in {directory} (steps: {have})")
+        _check_shapes(os.path.join(directory, str(step)), abstract_params)
         target = {"params": abstract_params}
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
