@@ -21,7 +21,15 @@ def load_tokenizer(cfg: ModelConfig):
     source = cfg.tokenizer or cfg.model_name_or_path or BUILTIN_TOKENIZER
     if source == BUILTIN_TOKENIZER and not os.path.isdir(source):
         raise FileNotFoundError(f"built-in tokenizer {source} is missing: set model.tokenizer=PATH")
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as error:  # offline hub, unknown id, a directory without tokenizer files
+        from atlas_jax.models.hf import ModelLoadError  # hf imports the decoder; keep this module light
+
+        where = "model.tokenizer" if cfg.tokenizer else "model.model_name_or_path"
+        raise ModelLoadError(f"{where}={source!r}: no tokenizer could be loaded ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''}); offline, pass a local "
+                             "directory with tokenizer files") from None
     ensure_pad_token(tokenizer)
     return tokenizer
 
