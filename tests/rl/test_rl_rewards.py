@@ -179,10 +179,14 @@ PLACEHOLDERS = {
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_reward_yaml_is_valid(path):
-    raw = OmegaConf.load(path)
-    assert raw.name == path.stem
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), raw))  # unknown key raises
+    from atlas_jax.config import compose
+
+    cfg = compose(["+run=teacher_rcl", f"reward={path.stem}"]).reward  # defaults applied; unknown key raises
     get_reward(cfg.name)
+    # The teaching world's student and teacher learned their formats from traces written in
+    # these very prompts (tests/data/test_teaching_world.py); prompts for instruction-tuned
+    # models must ask for the formats the answer checks read.
+    instructs = path.stem != "teaching_world"
     for key, expected in PLACEHOLDERS.items():
         template = getattr(cfg, key)
         if not template:
@@ -190,9 +194,9 @@ def test_reward_yaml_is_valid(path):
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
         assert fields == expected, f"{path.name}:{key} uses {fields}"
         text = template.format(**{f: f"<{f.upper()}>" for f in fields})
-        if key.startswith("student"):
+        if key.startswith("student") and instructs:
             assert "\\boxed{}" in text
-        if key == "teacher_template":
+        if key == "teacher_template" and instructs:
             assert "<teaching>" in text and "</teaching>" in text
 
 
