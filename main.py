@@ -52,7 +52,13 @@ def _run(cfg: config_lib.TrainConfig) -> None:
     print(run_plan.render(), flush=True)
     if cfg.dry_run:
         return
-    recipes.run(cfg, mesh)
+    try:
+        recipes.run(cfg, mesh)
+    except Exception as error:  # noqa: BLE001 - only XLA's out-of-memory is translated
+        if "RESOURCE_EXHAUSTED" not in str(error) and "Out of memory" not in str(error):
+            raise
+        first = next((l.strip() for l in str(error).splitlines() if "memory" in l.lower()), str(error)[:200])
+        raise config_lib.UsageError(f"out of device memory ({first}); {plan.memory_advice(cfg)}") from None
 
 
 def main() -> int:

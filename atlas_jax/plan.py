@@ -229,3 +229,23 @@ def _inference_plan(cfg: TrainConfig, mesh: Mesh) -> Plan:
         bytes_optimizer=0.0,
         bytes_activations=rows * (seq * kv_per_token * act + cfg.trainer.max_prompt_length * working * act + logits),
     )
+
+
+def memory_advice(cfg: TrainConfig) -> str:
+    """The knobs that lower a run's memory, most effective first, with this run's values."""
+    m, t = cfg.model, cfg.trainer
+    knobs = []
+    if cfg.batch.micro_batch_size != 1:
+        knobs.append(f"batch.micro_batch_size=1 (is {cfg.batch.micro_batch_size}; the global batch stays)")
+    length = (f"trainer.max_prompt_length/max_completion_length (are {t.max_prompt_length}/"
+              f"{t.max_completion_length})" if cfg.run in _RL_RUNS else f"data.max_length (is {cfg.data.max_length})")
+    knobs.append(f"a shorter {length}")
+    if m.remat != "save_layer_inputs":
+        knobs.append(f"model.remat=save_layer_inputs (is {m.remat})")
+    if t.offload != "optimizer_and_frozen":
+        knobs.append(f"trainer.offload=optimizer_and_frozen (is {t.offload}; GPU/TPU)")
+    if m.lora.rank == 0:
+        knobs.append("model.lora.rank=16 (LoRA: adapters only get gradients and Adam state)")
+    if not m.load_in_4bit:
+        knobs.append("model.load_in_4bit=true (with LoRA)")
+    return "to fit, try: " + ", ".join(knobs)

@@ -89,3 +89,15 @@ def test_unknown_key_in_a_yaml_file_gets_the_same_hint(tmp_path):
     message = one_line(raised.value)
     assert message.startswith("trainer.per_device_train_batch_size: Key 'per_device_train_batch_size' not in")
     assert "(in configs/trainer/atlas.yaml); use batch.micro_batch_size" in message
+
+
+def test_out_of_memory_is_one_line_with_the_knobs(tmp_path):
+    """The SFT issue's command: 8 rows of 16k tokens on the tiny model ask XLA:CPU for 148 GB
+    of attention scores. One line with the figure and the knobs, nothing checkpointed."""
+    result = _cli("+run=teacher_sft", "model=tiny", "data=synthetic_math_sft", "batch.global_batch_size=8",
+                  "batch.micro_batch_size=8", "trainer.report_to=[]", f"output_dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: out of device memory (")
+    assert "batch.micro_batch_size=1 (is 8" in errors[0] and "data.max_length (is 16384)" in errors[0]
+    assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
