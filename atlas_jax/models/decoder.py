@@ -229,7 +229,9 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l, keys_B=None):
         out_BTNH = _attend_one_token(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.resolved_head_dim ** -0.5)
     elif kv is not None:
         out_BTNH = _attend_in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.resolved_head_dim ** -0.5)
-    else:
+    elif jax.default_backend() == "cpu":  # XLA:CPU materialises B x N x T x T scores
+        out_BTNH = _attend_in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.resolved_head_dim ** -0.5)
+    else:  # cuDNN's fused kernel on GPU never holds the scores
         out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
                                                 scale=cfg.resolved_head_dim ** -0.5)
     x_BTD = x_BTD + project("o_proj", "BTNH,NHD->BTD", out_BTNH)
@@ -244,10 +246,12 @@ SCORES_PER_BLOCK = 2**28  # score elements per query block in a cached prefill (
 
 
 def _attend_in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
-    """Prefill attention a block of queries at a time. Where XLA materialises the scores
-    (CPU, TPU without a fused kernel) a whole prefill of B long prompts against the cache
-    would hold B x N x T x S of them: 128 prompts of 4k tokens and an 8k cache need ~130 GB.
-    Exact: each query row's softmax sees every key either way."""
+    """Attention a block of queries at a time, for cached prefill (every platform) and for
+    training on CPU. Where XLA materialises the scores a whole prefill of B long prompts
+    against the cache would hold B x N x T x S of them (128 prompts of 4k tokens and an 8k
+    cache: ~130 GB), and a training step on 8 rows of 16k tokens 148 GB. Each block is
+    rematerialised, so the backward pass too holds one block's scores at a time. Exact:
+    each query row's softmax sees every key either way."""
     B, T, N, _ = q_BTNH.shape
     S = k_BSKH.shape[1]
     block = 1 << max(0, (SCORES_PER_BLOCK // max(B * N * S, 1)).bit_length() - 1)
@@ -256,9 +260,11 @@ def _attend_in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
     C = T // block
     q_CBtNH = q_BTNH.reshape(B, C, block, *q_BTNH.shape[2:]).swapaxes(0, 1)
     mask_CBtS = mask_BTS.reshape(B, C, block, S).swapaxes(0, 1)
-    out_CBtNH = jax.lax.map(
-        lambda qm: jax.nn.dot_product_attention(qm[0], k_BSKH, v_BSKH, mask=qm[1][:, None], scale=scale),
-        (q_CBtNH, mask_CBtS))
+    @jax.checkpoint  # backward recomputes a block's scores instead of keeping all of them
+    def one_block(q_BtNH, mask_BtS):
+        return jax.nn.dot_product_attention(q_BtNH, k_BSKH, v_BSKH, mask=mask_BtS[:, None], scale=scale)
+
+    out_CBtNH = jax.lax.map(lambda qm: one_block(*qm), (q_CBtNH, mask_CBtS))
     return out_CBtNH.swapaxes(0, 1).reshape(q_BTNH.shape)
 
 
