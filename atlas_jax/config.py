@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -137,10 +137,19 @@ class TrainerConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     logging_steps: int = 10
+    # Any step may be saved, also inside an RL rollout: the updates left of that rollout are
+    # saved with it (rl/updates.py), so a resume (or SIGTERM's save) continues exactly.
     save_steps: int = 500
-    save_total_limit: int = 2
+    save_total_limit: int = 2  # newest checkpoints kept (<= 0: all), plus the best one
     eval_steps: int = 500
-    save_final_model: bool = False
+    save_final_model: bool = False  # write <output_dir>/hf at the end of the run
+    # The best checkpoint, as in HF Trainer: an eval metric ("eval/loss", "eval/accuracy_with_guidance";
+    # the eval/ prefix may be left out), None = off. Kept out of save_total_limit's rotation and
+    # recorded in checkpoints/best.json; checkpoint_step=best picks it. Needs eval data and
+    # save_steps a multiple of eval_steps (every checkpoint is ranked).
+    metric_for_best_model: Optional[str] = None
+    greater_is_better: Optional[bool] = None  # None: False for names ending in 'loss', else True
+    load_best_model_at_end: bool = False  # save_final_model exports the best checkpoint, not the last
     report_to: tuple[str, ...] = ("tensorboard",)
     peak_flops_per_device: Optional[float] = None  # None = table lookup (CPU: unknown)
     offload: str = "none"  # none | optimizer | optimizer_and_frozen
@@ -224,7 +233,7 @@ class TrainConfig:
     seed: int = 0
     resume_from: Optional[str] = None
     checkpoint: Optional[str] = None
-    checkpoint_step: Optional[int] = None
+    checkpoint_step: Optional[Union[int, str]] = None  # a step, "best" (checkpoints/best.json), None = latest
     export_dir: Optional[str] = None
     dry_run: bool = False
     # +run=quickstart only: overrides added to each of its phases, e.g. a smoke run's
@@ -453,6 +462,18 @@ def validate(cfg: TrainConfig) -> None:
                 "max_prompt_length", "max_completion_length"):
         _positive(f"trainer.{key}", getattr(t, key))
     _positive("trainer.temperature", t.temperature, allow_zero=True)
+    if t.load_best_model_at_end and t.metric_for_best_model is None:
+        raise ConfigError("trainer.load_best_model_at_end=true needs trainer.metric_for_best_model "
+                          "(e.g. eval/loss)")
+    if t.metric_for_best_model is not None:
+        if not t.metric_for_best_model.strip() or t.metric_for_best_model.strip() == "eval/":
+            raise ConfigError(f"trainer.metric_for_best_model={t.metric_for_best_model!r} names no metric")
+        if cfg.run in ("teacher_sft", "teacher_rcl", "grpo") and d.eval_split is None and d.eval_split_ratio <= 0:
+            raise ConfigError(f"trainer.metric_for_best_model={t.metric_for_best_model} needs eval data: set "
+                              "data.eval_split or data.eval_split_ratio > 0")
+        if t.save_steps % t.eval_steps:
+            raise ConfigError(f"trainer.save_steps={t.save_steps} must be a multiple of trainer.eval_steps="
+                              f"{t.eval_steps} with trainer.metric_for_best_model (every checkpoint is ranked)")
     if not 0.0 <= t.ref_model_mixup_alpha <= 1.0:
         raise ConfigError(f"trainer.ref_model_mixup_alpha={t.ref_model_mixup_alpha} must be in [0, 1]")
     _positive("batch.global_batch_size", b.global_batch_size)
@@ -473,6 +494,9 @@ def validate(cfg: TrainConfig) -> None:
         if value == 0 or value < -1:
             raise ConfigError(f"{key}={value} must be a positive device count or -1 (all remaining)")
     _choice("mesh.platform", cfg.mesh.platform, ("any", "cpu", "gpu", "tpu"))
+    step = cfg.checkpoint_step
+    if step is not None and not (isinstance(step, int) and step >= 0) and step != "best":
+        raise ConfigError(f"checkpoint_step={step!r} must be a step number or 'best'")
     if cfg.run in ("evaluate", "export") and not cfg.checkpoint:
         raise ConfigError(f"+run={cfg.run} needs checkpoint=DIR (a run's checkpoints directory)")
     if cfg.run == "export" and not cfg.export_dir:

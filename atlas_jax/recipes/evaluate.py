@@ -1,6 +1,7 @@
 """Teaching evaluation of a trained teacher, restored from an Orbax checkpoint.
 
-  1. Restore only the teacher's parameters, onto the current mesh (any mesh).
+  1. Restore only the teacher's parameters, onto the current mesh (any mesh): the latest
+     step, checkpoint_step=N, or checkpoint_step=best (the step checkpoints/best.json names).
   2. Load the frozen student.
   3. On the eval split, greedily: student baseline, diagnostic, one guidance, student
      with guidance; check the answers.

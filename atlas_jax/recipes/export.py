@@ -1,4 +1,5 @@
-"""Export a trained teacher: Orbax checkpoint -> Hugging Face directory.
+"""Export a trained teacher: Orbax checkpoint (latest, checkpoint_step=N or =best) -> Hugging
+Face directory.
 
 The directory (config.json, safetensors, tokenizer files) loads with
 `transformers.AutoModelForCausalLM.from_pretrained` and serves with vLLM.

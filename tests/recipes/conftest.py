@@ -18,7 +18,8 @@ RCL_OVERRIDES = ["model=tiny", "trainer.student_model=tiny", "data=synthetic_mat
                  "trainer.max_steps=2", "batch=quickstart", "trainer.num_generations=4",
                  "trainer.max_prompt_length=192", "trainer.max_completion_length=16", "reward.max_probe_tokens=8",
                  "data.max_eval_samples=4", "batch.eval_batch_size=4", "trainer.eval_steps=2",
-                 "trainer.ref_model_sync_steps=1", "trainer.save_completions_probability=1.0"]
+                 "trainer.ref_model_sync_steps=1", "trainer.save_completions_probability=1.0",
+                 "trainer.metric_for_best_model=accuracy_with_guidance"]
 
 
 @pytest.fixture(scope="session")

@@ -58,3 +58,9 @@ def test_unusable_checkpoint_fails_with_one_line(rcl_run, tmp_path, case):
     with pytest.raises(CheckpointError) as error:
         evaluate.restore_teacher(cfg, parallel.make_mesh(MeshConfig(), jax.devices()[:1]))
     assert len(str(error.value).splitlines()) == 1
+
+
+def test_checkpoint_step_best_restores_the_step_best_json_names(rcl_run, tmp_path):
+    rcl_cfg, _, _, _ = rcl_run  # ranked by eval/accuracy_with_guidance (tests/recipes/conftest.py)
+    cfg = _eval_cfg(rcl_cfg, tmp_path, checkpoint_step="best")
+    assert evaluate.restore_teacher(cfg, parallel.make_mesh(MeshConfig(), jax.devices()[:1]))[1] == 2

@@ -31,6 +31,12 @@ def test_teacher_rcl_end_to_end_writes_every_metric(rcl_run):
         assert all(np.isfinite(r[name]) for r in train_rows), name
     assert any("eval/student_accuracy" in r for r in rows)
     assert (out / "checkpoints" / "2").is_dir()
+    # the eval logs the teaching report's figures, so they can pick the best checkpoint
+    evals = [r for r in rows if "eval/accuracy_with_guidance" in r]
+    assert [r["step"] for r in evals] == [2]
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    assert best == {"step": 2, "metric": "eval/accuracy_with_guidance", "greater_is_better": True,
+                    "value": evals[0]["eval/accuracy_with_guidance"]}
 
 
 def test_teacher_rcl_writes_samples_with_their_context(rcl_run):

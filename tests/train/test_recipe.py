@@ -35,14 +35,16 @@ def _losses(out) -> dict:
 
 
 def _wrap_steps(monkeypatch, hook):
-    """Runs hook(step_number, state, batch) -> batch before every update the recipe makes."""
-    real = loop_lib.train_loop
+    """Runs hook(step_number, batch) -> batch before every update the recipe makes."""
+    real = sft_recipe.make_train_step
 
-    def train_loop(state, step_fn, next_batch, **kw):
+    def make_train_step(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+
         def wrapped(state, batch):
             return step_fn(state, hook(int(jax.device_get(state.step)) + 1, batch))
-        return real(state, wrapped, next_batch, **kw)
-    monkeypatch.setattr(loop_lib, "train_loop", train_loop)
+        return wrapped
+    monkeypatch.setattr(sft_recipe, "make_train_step", make_train_step)
 
 
 def _params_at(out, step, mesh):
