@@ -59,12 +59,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
             steps.end_step(state, metrics, data_state=batches.get_state())
 
     # 5. Export.
-    result = steps.result
-    hf_dir = setup.export_final(job, result, tokenizer)
-    print(f"{cfg.run}: {result.step} steps ({result.stopped_by}); outputs in {job.out} "
-          f"(config.yaml, metrics.jsonl, checkpoints/{', hf/' if hf_dir else ''})", flush=True)
-    return {"output_dir": str(job.out), "checkpoints": str(job.out / "checkpoints"), "hf_dir": hf_dir,
-            "steps": result.step, "stopped_by": result.stopped_by, "metrics": result.last_metrics}
+    return setup.finish(job, steps.result, tokenizer, "config.yaml, metrics.jsonl, checkpoints/")
 
 
 def eval_loss(job: setup.Job, tokenizer, eval_step, mesh, state) -> dict:

@@ -89,12 +89,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
             steps.end_step(state, {**metrics, **stats, "update_time_s": time.perf_counter() - started},
                            data_state=prompts.get_state(), pending=queue)
 
-    result = steps.result
-    hf_dir = setup.export_final(job, result, tokenizer)
-    print(f"{cfg.run}: {result.step} steps ({result.stopped_by}); outputs in {job.out} (metrics.jsonl, "
-          f"checkpoints/, completions.jsonl{', hf/' if hf_dir else ''})", flush=True)
-    return {"output_dir": str(job.out), "checkpoints": str(job.out / "checkpoints"), "hf_dir": hf_dir,
-            "steps": result.step, "stopped_by": result.stopped_by, "metrics": result.last_metrics}
+    return setup.finish(job, steps.result, tokenizer, "config.yaml, metrics.jsonl, checkpoints/, completions.jsonl")
 
 
 def evaluation_records(cfg: TrainConfig) -> list:

@@ -97,3 +97,13 @@ def export_final(job: Job, result: LoopResult, tokenizer) -> Optional[str]:
     model = nnx.merge(job.graphdef, job.full(params))
     save_pretrained(lora.merge_adapters(model) if job.frozen is not None else model, hf_dir, tokenizer=tokenizer)
     return hf_dir
+
+
+def finish(job: Job, result: LoopResult, tokenizer, outputs: str) -> dict:
+    """The final export, the run's closing line (naming `outputs`, its files), and the
+    result every recipe returns."""
+    hf_dir = export_final(job, result, tokenizer)
+    print(f"{job.cfg.run}: {result.step} steps ({result.stopped_by}); outputs in {job.out} "
+          f"({outputs}{', hf/' if hf_dir else ''})", flush=True)
+    return {"output_dir": str(job.out), "checkpoints": str(job.out / "checkpoints"), "hf_dir": hf_dir,
+            "steps": result.step, "stopped_by": result.stopped_by, "metrics": result.last_metrics}
