@@ -13,10 +13,8 @@ from atlas_jax.config import MeshConfig, ModelConfig, TrainerConfig
 from atlas_jax.train import optim, sft, state as state_lib, step as step_lib
 
 from atlas_jax.data import Batch
+from tests.tiny import TINY
 
-TINY = ModelConfig(name="test_tiny", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True,
-                   max_position_embeddings=128)
 TRAINER = TrainerConfig(learning_rate=1e-2, lr_scheduler_type="cosine", warmup_steps=1, weight_decay=0.1,
                         adam_beta2=0.95, max_grad_norm=1.0, max_steps=6)
 
