@@ -1,9 +1,12 @@
-"""Device mesh from config, logical-axis rules, and multi-host initialisation.
+"""Device mesh from config, logical-axis rules, parameter shardings, and multi-host initialisation.
 
 Axes: `data` (pure data parallel, replicated params), `fsdp` (data parallel with
 params/optimizer sharded), `tensor` (Megatron-style model parallel). Models name
 their dimensions logically (`embed`, `mlp`, `heads`, ...); `LOGICAL_AXIS_RULES` is
-the one table that maps those names onto mesh axes.
+the one table that maps those names onto mesh axes, and `param_shardings` turns a
+model's (or a state's) named variables into the shardings jit takes. They live here,
+not in `models/`, because every layer that places arrays needs them: initialisation,
+checkpoint loading, 4-bit quantisation, the train state, evaluation.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atlas_jax.config import ConfigError, DistributedConfig, MeshConfig
@@ -48,6 +52,35 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]]) -> P:
             raise KeyError(f"logical axis {name!r} has no rule in parallel.LOGICAL_AXIS_RULES")
         axes.append(None if name is None else _RULES[name])
     return P(*axes)
+
+
+def spec_for(mesh: Mesh, logical_axes, shape) -> P:
+    """Logical names -> PartitionSpec; a dim the mesh axes do not divide stays replicated
+    (e.g. 2 kv heads on tensor=4), so any checkpoint loads on any mesh."""
+    spec = logical_to_spec(logical_axes)
+    axes = []
+    for dim, axis in zip(shape, spec):
+        names = (axis,) if isinstance(axis, str) else (axis or ())
+        ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        axes.append(axis if ways > 1 and dim % ways == 0 else None)
+    return P(*axes)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """Where `var` lives on `mesh`, from the logical axes it was created with."""
+    axes = var.get_metadata("out_sharding", None) or (None,) * var.ndim
+    return NamedSharding(mesh, spec_for(mesh, axes, var.shape))
+
+
+def param_shardings(model_or_state, mesh: Mesh):
+    """NamedShardings for a model's (or a split state's) variables, same tree structure.
+
+    Works on `nnx.split(model, nnx.Param)[1]` and on abstract (eval_shape) states, so the
+    result can be passed to `jax.jit(in_shardings=..., out_shardings=...)` directly.
+    """
+    state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+    return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh)), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:

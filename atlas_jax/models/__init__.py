@@ -8,7 +8,7 @@ from jax.sharding import Mesh
 
 from atlas_jax.config import ModelConfig
 from atlas_jax.models import lora, quant
-from atlas_jax.models.build import init_model, param_count, param_shardings
+from atlas_jax.models.build import init_model, param_count
 from atlas_jax.models.decoder import Decoder, KVCache
 from atlas_jax.models.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
 from atlas_jax.models.tokenizer import load_tokenizer, render_chat
@@ -27,5 +27,5 @@ def load_model(cfg: ModelConfig, *, mesh: Optional[Mesh] = None, seed: int = 0) 
 
 
 __all__ = ["Decoder", "KVCache", "init_model", "from_pretrained", "load_model", "save_pretrained",
-           "load_tokenizer", "render_chat", "param_count", "param_shardings", "config_from_hf",
+           "load_tokenizer", "render_chat", "param_count", "config_from_hf",
            "config_to_hf"]

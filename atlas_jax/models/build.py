@@ -1,13 +1,12 @@
-"""Random initialisation straight onto shardings, parameter shardings, parameter count."""
+"""Random initialisation straight onto shardings (parallel.param_shardings), parameter count."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import jax
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from atlas_jax import parallel
 from atlas_jax.config import ModelConfig
@@ -18,36 +17,9 @@ def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def spec_for(mesh: Mesh, logical_axes, shape) -> P:
-    """Logical names -> PartitionSpec; a dim the mesh axes do not divide stays replicated
-    (e.g. 2 kv heads on tensor=4), so any checkpoint loads on any mesh."""
-    spec = parallel.logical_to_spec(logical_axes)
-    axes = []
-    for dim, axis in zip(shape, spec):
-        names = (axis,) if isinstance(axis, str) else (axis or ())
-        ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-        axes.append(axis if ways > 1 and dim % ways == 0 else None)
-    return P(*axes)
-
-
-def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
-    axes = var.get_metadata("out_sharding", None) or (None,) * var.ndim
-    return NamedSharding(mesh, spec_for(mesh, axes, var.shape))
-
-
-def param_shardings(model_or_state, mesh: Mesh):
-    """NamedShardings for a model's (or a split state's) variables, same tree structure.
-
-    Works on `nnx.split(model, nnx.Param)[1]` and on abstract (eval_shape) states, so the
-    result can be passed to `jax.jit(in_shardings=..., out_shardings=...)` directly.
-    """
-    state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
-    return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh)), state, is_leaf=_is_var)
-
-
 def _shardings(abstract_state, mesh: Optional[Mesh]):
     if mesh is not None:
-        return param_shardings(abstract_state, mesh)
+        return parallel.param_shardings(abstract_state, mesh)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda v: v.replace(device), abstract_state, is_leaf=_is_var)
 

@@ -207,9 +207,9 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l, keys_B=None):
     `keys_B` (this layer's per-row keys) turn on LoRA dropout."""
     project = functools.partial(lora.project, cfg, p, dropout_keys_B=keys_B)
     h_BTD = rms_norm(x_BTD, p["input_norm"], cfg.rms_norm_eps)
-    q_BTNH = project("q_proj", "BTD,DNH->BTNH", h_BTD)
-    k_BTKH = project("k_proj", "BTD,DKH->BTKH", h_BTD)
-    v_BTKH = project("v_proj", "BTD,DKH->BTKH", h_BTD)
+    q_BTNH = project("q_proj", h_BTD)
+    k_BTKH = project("k_proj", h_BTD)
+    v_BTKH = project("v_proj", h_BTD)
     if cfg.attention_bias:
         q_BTNH, k_BTKH, v_BTKH = q_BTNH + p["q_bias"], k_BTKH + p["k_bias"], v_BTKH + p["v_bias"]
     if cfg.qk_norm:
@@ -234,11 +234,11 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l, keys_B=None):
     else:  # cuDNN's fused kernel on GPU never holds the scores
         out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
                                                 scale=cfg.resolved_head_dim ** -0.5)
-    x_BTD = x_BTD + project("o_proj", "BTNH,NHD->BTD", out_BTNH)
+    x_BTD = x_BTD + project("o_proj", out_BTNH)
     h_BTD = rms_norm(x_BTD, p["post_attention_norm"], cfg.rms_norm_eps)
-    gate_BTF = jax.nn.silu(project("gate_proj", "BTD,DF->BTF", h_BTD))
-    up_BTF = project("up_proj", "BTD,DF->BTF", h_BTD)
-    x_BTD = x_BTD + project("down_proj", "BTF,FD->BTD", gate_BTF * up_BTF)
+    gate_BTF = jax.nn.silu(project("gate_proj", h_BTD))
+    up_BTF = project("up_proj", h_BTD)
+    x_BTD = x_BTD + project("down_proj", gate_BTF * up_BTF)
     return x_BTD, kv
 
 

@@ -23,10 +23,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 from atlas_jax import parallel
 from atlas_jax.config import ModelConfig, RopeScalingConfig, UsageError
-from atlas_jax.models import safetensors_io
-from atlas_jax.models import lora
-from atlas_jax.models.build import init_variables, spec_for
+from atlas_jax.models import lora, safetensors_io
+from atlas_jax.models.build import init_variables
 from atlas_jax.models.decoder import Decoder
+from atlas_jax.models.projections import INPUT_AXES
 
 
 class ModelLoadError(UsageError):
@@ -111,12 +111,10 @@ def key_table(cfg: ModelConfig) -> list[tuple[str, str, Optional[int]]]:
     a = "model.layers.{i}.self_attn."
     table = [("embed", "model.embed_tokens.weight", None), ("final_norm", "model.norm.weight", None),
              ("layers.input_norm", "model.layers.{i}.input_layernorm.weight", None),
-             ("layers.post_attention_norm", "model.layers.{i}.post_attention_layernorm.weight", None),
-             ("layers.q_proj", a + "q_proj.weight", 1), ("layers.k_proj", a + "k_proj.weight", 1),
-             ("layers.v_proj", a + "v_proj.weight", 1), ("layers.o_proj", a + "o_proj.weight", 2),
-             ("layers.gate_proj", "model.layers.{i}.mlp.gate_proj.weight", 1),
-             ("layers.up_proj", "model.layers.{i}.mlp.up_proj.weight", 1),
-             ("layers.down_proj", "model.layers.{i}.mlp.down_proj.weight", 1)]
+             ("layers.post_attention_norm", "model.layers.{i}.post_attention_layernorm.weight", None)]
+    for name, n_in in INPUT_AXES.items():
+        module = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        table.append((f"layers.{name}", f"model.layers.{{i}}.{module}.{name}.weight", n_in))
     if cfg.attention_bias:
         table += [(f"layers.{x}_bias", a + f"{x}_proj.bias", 0) for x in "qkv"]
     if cfg.qk_norm:
@@ -176,7 +174,7 @@ def _get(obj, dotted: str):
 def _target(mesh: Optional[Mesh], var: nnx.Variable, drop_leading: bool = False):
     if mesh is None:
         return SingleDeviceSharding(jax.devices()[0])
-    spec = spec_for(mesh, var.get_metadata("out_sharding"), var.shape)
+    spec = parallel.spec_for(mesh, var.get_metadata("out_sharding"), var.shape)
     return NamedSharding(mesh, P(*spec[1:]) if drop_leading else spec)
 
 

@@ -28,9 +28,10 @@ from flax import nnx
 from atlas_jax import parallel
 from atlas_jax.config import ConfigError, LoraConfig, ModelConfig
 from atlas_jax.models import quant
+from atlas_jax.models.projections import EINSUMS, INPUT_AXES
 
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
-PROJECTION_IDS = {name: i for i, name in enumerate(quant.INPUT_AXES)}  # folded into dropout keys
+PROJECTION_IDS = {name: i for i, name in enumerate(EINSUMS)}  # folded into dropout keys
 
 
 class LoraParam(nnx.Param):
@@ -46,10 +47,10 @@ def add_adapters(layers: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
     R, pd = cfg.lora.rank, jnp.dtype(cfg.param_dtype)
     for name in cfg.lora.target_modules:
         var = getattr(layers, name, None)
-        if name not in quant.INPUT_AXES or not isinstance(var, nnx.Param):
+        if name not in EINSUMS or not isinstance(var, nnx.Param):
             raise ConfigError(f"model.lora.target_modules: {name!r} is not a decoder projection "
-                              f"(one of {', '.join(quant.INPUT_AXES)})")
-        n_in = quant.INPUT_AXES[name]
+                              f"(one of {', '.join(EINSUMS)})")
+        n_in = INPUT_AXES[name]
         axes = var.get_metadata("out_sharding")
         in_shape, out_shape = var.shape[1:1 + n_in], var.shape[1 + n_in:]
         L = var.shape[0]
@@ -74,16 +75,18 @@ def dropout(x_B, keys_B, rate: float):
     return jnp.where(keep_B, x_B / (1.0 - rate), 0).astype(x_B.dtype)
 
 
-def project(cfg: ModelConfig, p: dict, name: str, spec: str, x, dropout_keys_B=None):
-    """einsum(spec, x, p[name]) plus the adapter's low-rank term when `name` has one.
+def project(cfg: ModelConfig, p: dict, name: str, x, dropout_keys_B=None):
+    """The projection `name` of one layer (its einsum in models/projections.py) on x, plus the
+    adapter's low-rank term when `name` has one.
 
     Several trailing input axes (o_proj's heads x head_dim) are contracted as one flattened
     axis X: given "BTNH,NHD->BTD", XLA:CPU transposed the whole weight on every call.
     `dropout_keys_B` (one key per row of x, already folded with the layer) turns on the
     adapter's input dropout; each projection draws its own masks, as PEFT's per-module
     Dropout does."""
+    spec = EINSUMS[name]
     (x_spec, w_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]
-    n_in = quant.INPUT_AXES[name]
+    n_in = INPUT_AXES[name]
     in_letters, out_letters = w_spec[:n_in], w_spec[n_in:]
     w, a = p[name], p.get(name + A_SUFFIX)
     if n_in > 1 and x_spec.endswith(in_letters):
@@ -136,25 +139,25 @@ def merged_weight(layers, name: str, cfg: ModelConfig):
         return w
     b = getattr(layers, name + B_SUFFIX)[...].astype(jnp.float32)
     a = a[...].astype(jnp.float32)
-    n_in = quant.INPUT_AXES[name]
+    n_in = INPUT_AXES[name]
     ins, outs = "ijk"[:n_in], "mno"[:b.ndim - 2]
     return w + scale(cfg) * jnp.einsum(f"l{ins}r,lr{outs}->l{ins}{outs}", a, b)
 
 
 def merge_adapters(model):
     """A plain decoder (lora.rank 0, full-precision base) whose forward equals the adapted
-    one: for export with `save_pretrained`. The input model is left unchanged."""
-    from atlas_jax.models.decoder import Decoder  # the decoder imports this module
-
+    one: for export with `save_pretrained`. The input model is left unchanged. The plain
+    model is built from `type(model)`, so this module needs no import of the decoder (which
+    imports it)."""
     cfg = model.config
     plain = dataclasses.replace(cfg, lora=LoraConfig(), load_in_4bit=False)
-    out = nnx.eval_shape(lambda: Decoder(plain, rngs=nnx.Rngs(0)))
+    out = nnx.eval_shape(lambda: type(model)(plain, rngs=nnx.Rngs(0)))
     pd = jnp.dtype(plain.param_dtype)
     for path, var in nnx.to_flat_state(nnx.state(out)):
         owner = model
         for key in path[:-1]:
             owner = getattr(owner, key)
-        if path[0] == "layers" and path[-1] in quant.INPUT_AXES:
+        if path[0] == "layers" and path[-1] in EINSUMS:
             value = merged_weight(owner, path[-1], cfg).astype(pd)
         else:
             value = parallel.on_device(getattr(owner, path[-1])[...])

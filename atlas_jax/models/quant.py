@@ -22,7 +22,9 @@ import qwix
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
+from atlas_jax import parallel
 from atlas_jax.config import ConfigError
+from atlas_jax.models.projections import INPUT_AXES
 
 GROUP = 64  # elements per scale (QLoRA's block size); smaller when the axis is smaller
 # Each group's scale is its absmax times the factor here that minimises the group's squared
@@ -31,9 +33,6 @@ GROUP = 64  # elements per scale (QLoRA's block size); smaller when the axis is 
 CLIP_FACTORS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 0.775, 0.75, 0.725, 0.7)
 SCALE_SUFFIX = "_nf4_scale"
 SCALE_DTYPE = jnp.bfloat16  # rounding the scale adds ~0.4% error, small beside NF4's own
-# projection -> number of leading input (contracted) axes after the layer axis
-INPUT_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
-              "down_proj": 1}
 
 
 class NF4Codes(nnx.Param):
@@ -107,8 +106,7 @@ def _sharding_like(var: nnx.Variable, shape):
     sharding = getattr(var[...], "sharding", None)  # None while traced (eval_shape)
     if not isinstance(sharding, NamedSharding):
         return sharding if isinstance(sharding, SingleDeviceSharding) else None
-    from atlas_jax.models.build import spec_for  # build imports the decoder, which imports us
-    return NamedSharding(sharding.mesh, spec_for(sharding.mesh, var.get_metadata("out_sharding"), shape))
+    return NamedSharding(sharding.mesh, parallel.spec_for(sharding.mesh, var.get_metadata("out_sharding"), shape))
 
 
 def quantize_model(model) -> None:

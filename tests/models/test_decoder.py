@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from atlas_jax.config import MeshConfig, ModelConfig, RopeScalingConfig
-from atlas_jax.models import Decoder, KVCache, init_model, param_shardings
-from atlas_jax.parallel import make_mesh
+from atlas_jax.models import Decoder, KVCache, init_model
+from atlas_jax.parallel import make_mesh, param_shardings
 
 CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, qk_norm=True, tie_word_embeddings=False,
