@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from atlas_jax.config import TrainConfig
 from atlas_jax.data import rl_batches
-from atlas_jax.models import Decoder, load_model, load_tokenizer, lora, param_shardings
+from atlas_jax.models import Decoder, load_model, load_tokenizer, lora
+from atlas_jax.parallel import param_shardings
 from atlas_jax.rl import rollout
 from atlas_jax.rl.student import load_student
 from atlas_jax.rl.report import teaching_report, write_report
