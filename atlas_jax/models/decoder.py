@@ -11,6 +11,7 @@ All L layers' weights are stacked on a leading `layers` axis and run under one
 `lax.scan`, so compile time does not grow with depth. The KV cache is a plain pytree
 (`KVCache`) threaded through the same layer code: without a cache the layer attends to
 its own keys; with one it first writes its keys at `cache.index` and attends to all slots.
+Attention itself, and the reasons it takes one path or another, are in models/attention.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from flax import nnx
 from atlas_jax import parallel
 from atlas_jax.config import ModelConfig
 from atlas_jax.models import lora, quant
+from atlas_jax.models.attention import attend
 
 # remat name (says what the backward pass keeps from each layer's forward) -> jax policy
 REMAT_POLICIES = {
@@ -225,63 +227,13 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l, keys_B=None):
         v_cache, v_BSKH = _cache_write(v_cache, v_BTKH, index, l)
         kv = (k_cache, v_cache, index)
     k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
-    if kv is not None and q_BTNH.shape[1] == 1:
-        out_BTNH = _attend_one_token(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.resolved_head_dim ** -0.5)
-    elif kv is not None:
-        out_BTNH = _attend_in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.resolved_head_dim ** -0.5)
-    elif jax.default_backend() == "cpu":  # XLA:CPU materialises B x N x T x T scores
-        out_BTNH = _attend_in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cfg.resolved_head_dim ** -0.5)
-    else:  # cuDNN's fused kernel on GPU never holds the scores
-        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
-                                                scale=cfg.resolved_head_dim ** -0.5)
+    out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cached=kv is not None)
     x_BTD = x_BTD + project("o_proj", out_BTNH)
     h_BTD = rms_norm(x_BTD, p["post_attention_norm"], cfg.rms_norm_eps)
     gate_BTF = jax.nn.silu(project("gate_proj", h_BTD))
     up_BTF = project("up_proj", h_BTD)
     x_BTD = x_BTD + project("down_proj", gate_BTF * up_BTF)
     return x_BTD, kv
-
-
-SCORES_PER_BLOCK = 2**28  # score elements per query block in a cached prefill (1 GiB in float32)
-
-
-def _attend_in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
-    """Attention a block of queries at a time, for cached prefill (every platform) and for
-    training on CPU. Where XLA materialises the scores a whole prefill of B long prompts
-    against the cache would hold B x N x T x S of them (128 prompts of 4k tokens and an 8k
-    cache: ~130 GB), and a training step on 8 rows of 16k tokens 148 GB. Each block is
-    rematerialised, so the backward pass too holds one block's scores at a time. Exact:
-    each query row's softmax sees every key either way."""
-    B, T, N, _ = q_BTNH.shape
-    S = k_BSKH.shape[1]
-    block = 1 << max(0, (SCORES_PER_BLOCK // max(B * N * S, 1)).bit_length() - 1)
-    if block >= T or T % block:
-        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale)
-    C = T // block
-    q_CBtNH = q_BTNH.reshape(B, C, block, *q_BTNH.shape[2:]).swapaxes(0, 1)
-    mask_CBtS = mask_BTS.reshape(B, C, block, S).swapaxes(0, 1)
-    @jax.checkpoint  # backward recomputes a block's scores instead of keeping all of them
-    def one_block(q_BtNH, mask_BtS):
-        return jax.nn.dot_product_attention(q_BtNH, k_BSKH, v_BSKH, mask=mask_BtS[:, None], scale=scale)
-
-    out_CBtNH = jax.lax.map(lambda qm: one_block(*qm), (q_CBtNH, mask_CBtS))
-    return out_CBtNH.swapaxes(0, 1).reshape(q_BTNH.shape)
-
-
-def _attend_one_token(q_B1NH, k_BSKH, v_BSKH, mask_B1S, scale):
-    """dot_product_attention for one query token, both products as a multiply + sum: XLA:CPU
-    runs these T=1 batched dots as slow generic kernels (on bench/generate.py's model the
-    scores dot took ~220 us a layer; as a multiply + sum a decode step went from 8.9-10.4
-    to 8.4-8.9 ms). Scores and softmax in float32."""
-    B, _, N, H = q_B1NH.shape
-    K = k_BSKH.shape[2]
-    q_BKGH = q_B1NH.reshape(B, K, N // K, H).astype(jnp.float32)
-    k_BKSH = jnp.swapaxes(k_BSKH, 1, 2).astype(jnp.float32)
-    scores_BKGS = jnp.sum(q_BKGH[:, :, :, None] * k_BKSH[:, :, None], axis=-1) * scale
-    scores_BKGS = jnp.where(mask_B1S[:, :, None], scores_BKGS, -0.7 * jnp.finfo(scores_BKGS.dtype).max)
-    probs_BKGS = jax.nn.softmax(scores_BKGS, axis=-1).astype(q_B1NH.dtype)
-    out_BKGH = jnp.sum(probs_BKGS[..., None] * jnp.swapaxes(v_BSKH, 1, 2)[:, :, None], axis=3)
-    return out_BKGH.reshape(B, 1, N, H)
 
 
 def _cache_write(cache, new_BTKH, index, l):

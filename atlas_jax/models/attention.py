@@ -1,0 +1,88 @@
+"""Attention for every forward of the decoder, through one entry point: `attend`.
+
+`attend` computes softmax(q k^T * scale, masked) v exactly; `attention_path` picks how, from
+the number of queries, whether keys come from a KV cache, and the platform:
+
+  "one_query_sums"  a decode step (one query against the cache) on CPU. XLA:CPU runs the T=1 batched dots of
+                    dot_product_attention as slow generic kernels; as a multiply and a sum
+                    they are plain fused loops. Other platforms keep the library call.
+  "query_blocks"    a cached prefill (every platform) or a training forward on CPU. Where
+                    XLA materialises the scores, B x N x T x S of them would be held at once:
+                    a prefill of many long prompts against a longer cache, or a long-sequence
+                    training step, asks for more memory than any device has. A block of
+                    queries at a time, each block rematerialised, bounds forward and backward
+                    to one block's scores (SCORES_PER_BLOCK).
+  "whole"           everything else, notably a training forward and a decode step on GPU or
+                    TPU: one jax.nn.dot_product_attention call, the one a fused kernel (cuDNN
+                    on GPU) can serve. JAX's default implementation is XLA's own;
+                    tests/test_accelerator.py records which one a device ran.
+
+Every path gives each query row a softmax over all its keys, so they agree to rounding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+SCORES_PER_BLOCK = 2**28  # score elements per query block (1 GiB in float32)
+
+
+def attention_path(num_queries: int, *, cached: bool, platform: str) -> str:
+    """The path `attend` takes (module docstring): "one_query_sums", "query_blocks" or "whole"."""
+    if cached and num_queries == 1:  # a decode step
+        return "one_query_sums" if platform == "cpu" else "whole"
+    if cached or platform == "cpu":
+        return "query_blocks"
+    return "whole"
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, cached: bool) -> jax.Array:
+    """out_BTNH of T queries over S keys (K kv heads shared by N / K query heads each);
+    mask_BTS is True where a query may see a key. `cached` = the keys are a KV cache's slots."""
+    scale = q_BTNH.shape[-1] ** -0.5
+    path = attention_path(q_BTNH.shape[1], cached=cached, platform=jax.default_backend())
+    if path == "one_query_sums":
+        return _one_query_as_sums(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
+    if path == "query_blocks":
+        return _in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
+    return _whole(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
+
+
+def _whole(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale)
+
+
+def _in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
+    """Attention a block of queries at a time, each block rematerialised, so the forward and
+    the backward pass hold one block's scores at a time; whole when one block covers T."""
+    B, T, N, _ = q_BTNH.shape
+    S = k_BSKH.shape[1]
+    block = 1 << max(0, (SCORES_PER_BLOCK // max(B * N * S, 1)).bit_length() - 1)
+    if block >= T or T % block:
+        return _whole(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
+    C = T // block
+    q_CBtNH = q_BTNH.reshape(B, C, block, *q_BTNH.shape[2:]).swapaxes(0, 1)
+    mask_CBtS = mask_BTS.reshape(B, C, block, S).swapaxes(0, 1)
+
+    @jax.checkpoint  # backward recomputes a block's scores instead of keeping all of them
+    def one_block(q_BtNH, mask_BtS):
+        return _whole(q_BtNH, k_BSKH, v_BSKH, mask_BtS, scale)
+
+    out_CBtNH = jax.lax.map(lambda qm: one_block(*qm), (q_CBtNH, mask_CBtS))
+    return out_CBtNH.swapaxes(0, 1).reshape(q_BTNH.shape)
+
+
+def _one_query_as_sums(q_B1NH, k_BSKH, v_BSKH, mask_B1S, scale):
+    """dot_product_attention for one query token, both products as a multiply + sum (XLA:CPU
+    runs T=1 batched dots as generic kernels, slower than these fused loops). Scores and
+    softmax in float32, as dot_product_attention computes them."""
+    B, _, N, H = q_B1NH.shape
+    K = k_BSKH.shape[2]
+    q_BKGH = q_B1NH.reshape(B, K, N // K, H).astype(jnp.float32)
+    k_BKSH = jnp.swapaxes(k_BSKH, 1, 2).astype(jnp.float32)
+    scores_BKGS = jnp.sum(q_BKGH[:, :, :, None] * k_BKSH[:, :, None], axis=-1) * scale
+    scores_BKGS = jnp.where(mask_B1S[:, :, None], scores_BKGS, -0.7 * jnp.finfo(scores_BKGS.dtype).max)
+    probs_BKGS = jax.nn.softmax(scores_BKGS, axis=-1).astype(q_B1NH.dtype)
+    out_BKGH = jnp.sum(probs_BKGS[..., None] * jnp.swapaxes(v_BSKH, 1, 2)[:, :, None], axis=3)
+    return out_BKGH.reshape(B, 1, N, H)
