@@ -65,46 +65,39 @@ def _cache_spec(mesh: Mesh, kv_heads: int) -> P:
     return P(parallel.DATA_AXES, tensor, None, None)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "budget", "num_samples", "sort", "mesh", "unroll_layers",
-                                             "ends"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "budget", "num_samples", "sort", "mesh", "ends"))
 def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_id, seed,
-             temperature, top_k, top_p, min_p, *, budget, num_samples, sort, mesh, unroll_layers, ends):
+             temperature, top_k, top_p, min_p, *, budget, num_samples, sort, mesh, ends):
     TRACES["count"] += 1
     model: Decoder = nnx.merge(graphdef, params)
-    if unroll_layers:
-        # slicing a layer out of the stacked weights or cache copies it: take each layer's
-        # weights once, here, and give each layer its own cache buffer, updated in place
-        model.config = dataclasses.replace(model.config, scan_layers=False)
-    layers = model.layers.unstacked() if unroll_layers else None
     cfg = model.config
+    # slicing a layer out of the stacked weights copies it: take each layer's weights once,
+    # here, for every step to read in place (the cache already has one buffer per layer)
+    layers = model.layers.unstacked()
     table = parallel.on_device(model.embed[...] if cfg.tie_word_embeddings else model.lm_head[...])
     head = table.T if cfg.tie_word_embeddings else table
-    head_DV = head.astype(model.dtype) if unroll_layers else None  # copied once, read every step
+    head_DV = head.astype(model.dtype)  # copied once, read every step
     B, T = ids_BT.shape
     G, R = num_samples, B * num_samples
     rows = P(parallel.DATA_AXES) if mesh is not None else None
+
     def sharded(cache):
         if mesh is None:
             return cache
         spec = _cache_spec(mesh, cfg.num_key_value_heads)
-        spec = P(None, *spec) if cfg.scan_layers else spec
-        return dataclasses.replace(cache, k_LBKSH=jax.tree.map(lambda a: _constrain(a, mesh, spec), cache.k_LBKSH),
-                                   v_LBKSH=jax.tree.map(lambda a: _constrain(a, mesh, spec), cache.v_LBKSH))
+        return cache.map_buffers(lambda a_BKSH: _constrain(a_BKSH, mesh, spec))
 
     cache = sharded(KVCache.empty(cfg, B, T + ends[0]))
     x_BTD, cache = model.forward_with_cache(ids_BT, cache, attention_mask=mask_BT, layer_params=layers)
     logits_BV = model.logits(x_BTD[:, -1:])[:, 0]
 
     # G samples per prompt share one prefill: repeat its cache and last logits (prompt-major)
-    def repeat(a, axis):
-        return a if G == 1 else jnp.repeat(a, G, axis=axis)
+    def repeat(a):
+        return a if G == 1 else jnp.repeat(a, G, axis=0)
 
-    rows_axis = 1 if cfg.scan_layers else 0
-    cache = dataclasses.replace(cache, k_LBKSH=jax.tree.map(lambda a: repeat(a, rows_axis), cache.k_LBKSH),
-                                v_LBKSH=jax.tree.map(lambda a: repeat(a, rows_axis), cache.v_LBKSH),
-                                segment_ids_BS=repeat(cache.segment_ids_BS, 0))
-    logits_RV = repeat(logits_BV, 0)
-    pos_R = repeat(jnp.sum(mask_BT, axis=1).astype(jnp.int32), 0)
+    cache = dataclasses.replace(cache.map_buffers(repeat), segment_ids_BS=repeat(cache.segment_ids_BS))
+    logits_RV = repeat(logits_BV)
+    pos_R = repeat(jnp.sum(mask_BT, axis=1).astype(jnp.int32))
     done_R = pos_R == 0  # all-padding rows (batch bucket filler) generate nothing
     base_key = jax.random.key(seed)
     row_keys_R = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_ids_R)
@@ -148,16 +141,15 @@ def _mesh_of(params) -> Optional[Mesh]:
 def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: int = 0, seed: int = 0,
-             num_samples: int = 1, mesh: Optional[Mesh] = None, unroll_layers: bool = True,
-             grow_cache: bool = True) -> GenerateOutput:
+             num_samples: int = 1, mesh: Optional[Mesh] = None, grow_cache: bool = True) -> GenerateOutput:
     """Continues left-padded prompts [B, T]; see GenerateOutput. temperature=0 is greedy.
 
     Rows are prompt-major: prompt i's samples are rows i*G .. i*G+G-1. `.logprobs` are under
     the distribution sampled from (see atlas_jax.generation.sampling). With a mesh (or a
     model whose params are sharded) rows split over the data axes and weights keep their
-    sharding; the outputs are global arrays. `unroll_layers` trades compile time (grows
-    with depth) and one transient copy of the layer weights (sliced out of the stack once per
-    call) for decode speed: each step then reads the weights and its cache in place.
+    sharding; the outputs are global arrays. The layers run unrolled on weights sliced out of
+    the stack once per call (a transient copy of them; compile time grows with depth), so
+    each step reads the weights and its cache in place.
     `grow_cache` decodes budgets from SEGMENTED_BUDGET on in segments over a growing cache
     (module docstring): less attention reading per step, a loop body to compile per segment.
     """
@@ -186,7 +178,7 @@ def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, 
     out = _program(graphdef, params, ids_p, mask_p, row_ids, jnp.int32(max_new_tokens), eos,
                    jnp.int32(pad_token_id), jnp.uint32(seed), jnp.float32(temperature), jnp.int32(top_k),
                    jnp.float32(top_p), jnp.float32(min_p), budget=budget, num_samples=num_samples,
-                   sort=bool(top_k > 0 or top_p < 1.0), mesh=mesh, unroll_layers=unroll_layers,
+                   sort=bool(top_k > 0 or top_p < 1.0), mesh=mesh,
                    ends=segment_ends(budget) if grow_cache else (budget,))
     R = B * num_samples
     return GenerateOutput(out.tokens[:R, :max_new_tokens], out.logprobs[:R, :max_new_tokens], out.lengths[:R])

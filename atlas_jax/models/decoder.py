@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -47,42 +47,33 @@ REMAT_POLICIES = {
 class KVCache:
     """Preallocated keys/values for every layer; slots [0, index) are filled.
 
-    Each layer's keys and values are stored heads-major, [B, K, S, H], so attention reads the
-    slots without a transpose. Scanned layers keep them stacked, [L, B, K, S, H]; unrolled
-    layers keep a tuple of L arrays, one buffer per layer, which a decode loop updates and
-    reads in place (slicing a layer out of a stack would copy it every step).
+    One [B, K, S, H] buffer per layer for keys and one for values: heads-major, so attention
+    reads the slots without a transpose, and separate, so a decode step writes and reads each
+    layer's buffer in place (taking layer l out of a stacked [L, ...] array would copy it every
+    step). A forward with a cache therefore runs its layers unrolled (DecoderLayers).
     """
 
-    k_LBKSH: Union[jax.Array, tuple]
-    v_LBKSH: Union[jax.Array, tuple]
+    k_BKSH: tuple[jax.Array, ...]  # one per layer
+    v_BKSH: tuple[jax.Array, ...]
     segment_ids_BS: jax.Array  # 0 = empty or padding: never attended by real tokens
     index: jax.Array  # int32 scalar: the slot the next token is written to
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
-        L, shape = cfg.num_hidden_layers, (batch, cfg.num_key_value_heads, slots, cfg.resolved_head_dim)
-        dtype = jnp.dtype(cfg.dtype)
-        if cfg.scan_layers:
-            k, v = jnp.zeros((L, *shape), dtype), jnp.zeros((L, *shape), dtype)
-        else:
-            k, v = tuple(jnp.zeros(shape, dtype) for _ in range(L)), tuple(jnp.zeros(shape, dtype) for _ in range(L))
-        return cls(k, v, jnp.zeros((batch, slots), jnp.int32), jnp.zeros((), jnp.int32))
+        shape = (batch, cfg.num_key_value_heads, slots, cfg.resolved_head_dim)
+        dtype, L = jnp.dtype(cfg.dtype), cfg.num_hidden_layers
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in range(L)), tuple(jnp.zeros(shape, dtype) for _ in range(L)),
+                   jnp.zeros((batch, slots), jnp.int32), jnp.zeros((), jnp.int32))
 
     def grown(self, slots: int) -> "KVCache":
         """The same cache with `slots` slots, the new ones empty (a copy)."""
         extra = slots - self.segment_ids_BS.shape[1]
-        grow = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, extra), (0, 0)])  # noqa: E731
-        return dataclasses.replace(self, k_LBKSH=jax.tree.map(grow, self.k_LBKSH),
-                                   v_LBKSH=jax.tree.map(grow, self.v_LBKSH),
-                                   segment_ids_BS=jnp.pad(self.segment_ids_BS, ((0, 0), (0, extra))))
+        grown = self.map_buffers(lambda a_BKSH: jnp.pad(a_BKSH, ((0, 0), (0, 0), (0, extra), (0, 0))))
+        return dataclasses.replace(grown, segment_ids_BS=jnp.pad(self.segment_ids_BS, ((0, 0), (0, extra))))
 
-
-def _stacked(kv):
-    return jnp.stack(kv) if isinstance(kv, (tuple, list)) else kv
-
-
-def _per_layer(kv):
-    return list(kv) if isinstance(kv, (tuple, list)) else [kv[l] for l in range(kv.shape[0])]
+    def map_buffers(self, fn) -> "KVCache":
+        """The cache with fn applied to every layer's key and value buffer."""
+        return dataclasses.replace(self, k_BKSH=tuple(map(fn, self.k_BKSH)), v_BKSH=tuple(map(fn, self.v_BKSH)))
 
 
 def _param(key, shape, axes, dtype, init="normal"):
@@ -175,7 +166,7 @@ class DecoderLayers(nnx.Module):
             # one layer at a time: host-resident weights are fetched and 4-bit projections
             # dequantised here, inside the scan
             p = {k: parallel.on_device(a) for k, a in p.items()}  # trainer.offload=optimizer_and_frozen
-            x, kv = _block(cfg, quant.layer_weights(p, dtype), x, cos_BTH, sin_BTH, mask_BTS, kv, l, keys_B)
+            x, kv = _block(cfg, quant.layer_weights(p, dtype), x, cos_BTH, sin_BTH, mask_BTS, kv, keys_B)
             return (x, kv), None
 
         remat = cfg.remat
@@ -187,26 +178,26 @@ class DecoderLayers(nnx.Module):
         if remat != "none":  # no policy saves fetched weights: they are not matmul outputs
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
         layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-        if cfg.scan_layers and layer_params is None:
-            kv = None if cache is None else (_stacked(cache.k_LBKSH), _stacked(cache.v_LBKSH), cache.index)
-            (x_BTD, kv), _ = jax.lax.scan(body, (x_BTD, kv), (params, layer_ids))
-        else:  # unrolled: same body, one cache buffer per layer; decode loops, debugging, tiny depth
-            layer_params = self.unstacked() if layer_params is None else layer_params
-            ks, vs = (None, None) if cache is None else (_per_layer(cache.k_LBKSH), _per_layer(cache.v_LBKSH))
-            for l in range(cfg.num_hidden_layers):
-                kv = None if cache is None else (ks[l], vs[l], cache.index)
-                (x_BTD, kv), _ = body((x_BTD, kv), (layer_params[l], layer_ids[l]))
-                if cache is not None:
-                    ks[l], vs[l] = kv[0], kv[1]
-            kv = None if cache is None else (tuple(ks), tuple(vs))
+        if cfg.scan_layers and layer_params is None and cache is None:
+            (x_BTD, _), _ = jax.lax.scan(body, (x_BTD, None), (params, layer_ids))
+            return x_BTD, None
+        # unrolled: the same body, one cache buffer per layer (KVCache); decode loops, debugging
+        layer_params = self.unstacked() if layer_params is None else layer_params
+        ks, vs = [], []
+        for l in range(cfg.num_hidden_layers):
+            kv = None if cache is None else (cache.k_BKSH[l], cache.v_BKSH[l], cache.index)
+            (x_BTD, kv), _ = body((x_BTD, kv), (layer_params[l], layer_ids[l]))
+            if kv is not None:
+                ks.append(kv[0])
+                vs.append(kv[1])
         if cache is not None:
-            cache = dataclasses.replace(cache, k_LBKSH=kv[0], v_LBKSH=kv[1])
+            cache = dataclasses.replace(cache, k_BKSH=tuple(ks), v_BKSH=tuple(vs))
         return x_BTD, cache
 
 
-def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l, keys_B=None):
-    """One pre-norm block: attention + SwiGLU MLP. `kv` = (k cache, v cache, write index);
-    `keys_B` (this layer's per-row keys) turn on LoRA dropout."""
+def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, keys_B=None):
+    """One pre-norm block: attention + SwiGLU MLP. `kv` = (this layer's k cache, v cache,
+    write index); `keys_B` (this layer's per-row keys) turn on LoRA dropout."""
     project = functools.partial(lora.project, cfg, p, dropout_keys_B=keys_B)
     h_BTD = rms_norm(x_BTD, p["input_norm"], cfg.rms_norm_eps)
     q_BTNH = project("q_proj", h_BTD)
@@ -223,8 +214,8 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l, keys_B=None):
     if kv is not None:
         # write this step's keys at slots [index, index+T), then attend to all slots
         k_cache, v_cache, index = kv
-        k_cache, k_BSKH = _cache_write(k_cache, k_BTKH, index, l)
-        v_cache, v_BSKH = _cache_write(v_cache, v_BTKH, index, l)
+        k_cache, k_BSKH = _cache_write(k_cache, k_BTKH, index)
+        v_cache, v_BSKH = _cache_write(v_cache, v_BTKH, index)
         kv = (k_cache, v_cache, index)
     k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
     out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, cached=kv is not None)
@@ -236,17 +227,14 @@ def _block(cfg, p, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, l, keys_B=None):
     return x_BTD, kv
 
 
-def _cache_write(cache, new_BTKH, index, l):
-    """Writes T new slots at `index` into one layer's [B, K, S, H] buffer, or into layer l of
-    the stacked [L, B, K, S, H] one; returns (cache, the layer's slots as a [B, S, K, H] view:
-    XLA folds that transpose into the attention dots, so the slots are read in place)."""
+def _cache_write(cache_BKSH, new_BTKH, index):
+    """Writes T new slots at `index` into one layer's buffer; returns (buffer, its slots as a
+    [B, S, K, H] view: XLA folds that transpose into the attention dots, so the slots are read
+    in place)."""
     zero = jnp.zeros((), jnp.int32)
-    new_BKTH = jnp.swapaxes(new_BTKH, 1, 2).astype(cache.dtype)
-    if cache.ndim == 4:
-        cache = jax.lax.dynamic_update_slice(cache, new_BKTH, (zero, zero, index, zero))
-        return cache, jnp.swapaxes(cache, 1, 2)
-    cache = jax.lax.dynamic_update_slice(cache, new_BKTH[None], (l, zero, zero, index, zero))
-    return cache, jnp.swapaxes(cache[l], 1, 2)
+    new_BKTH = jnp.swapaxes(new_BTKH, 1, 2).astype(cache_BKSH.dtype)
+    cache_BKSH = jax.lax.dynamic_update_slice(cache_BKSH, new_BKTH, (zero, zero, index, zero))
+    return cache_BKSH, jnp.swapaxes(cache_BKSH, 1, 2)
 
 
 def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
@@ -314,8 +302,9 @@ class Decoder(nnx.Module):
 
         Returns (final normed x_BTD, cache). Tokens attend to earlier slots/tokens of the same
         segment only (segment 0 = padding). Packed rows must pass positions_BT explicitly.
-        `layer_params` (from `self.layers.unstacked()`) runs the layers unrolled on weights
-        sliced once by the caller: decode loops pass them so no step copies a layer's weights.
+        With a cache the layers run unrolled (one cache buffer each, see KVCache); passing
+        `layer_params` (from `self.layers.unstacked()`) runs them on weights sliced once by the
+        caller: decode loops pass them so no step copies a layer's weights.
         `dropout_keys_B` (one PRNG key per row; training updates only) turns on LoRA dropout
         (models/lora.py); without it the forward is deterministic.
         """

@@ -31,13 +31,20 @@ def test_jit_and_eager_agree_and_split_merge_works(model):
     np.testing.assert_allclose(np.asarray(model.logits(x_BTD)), np.asarray(model(ids)), atol=1e-6)
 
 
-def test_kv_cache_prefill_then_decode_equals_full_forward(model):
+@pytest.mark.parametrize("grow", [False, True])
+def test_kv_cache_prefill_then_decode_equals_full_forward(model, grow):
+    """Prefill 6 tokens, decode 4 one at a time (over a cache grown after the prefill, or
+    not): the full forward's logits. The cache holds one [B, K, S, H] buffer per layer."""
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 96, (2, 10)), jnp.int32)
     mask = jnp.ones((2, 10), jnp.int32).at[1, :3].set(0)
     full = np.asarray(model(ids, mask))
     prompt = 6
-    cache = KVCache.empty(CFG, batch=2, slots=16)
+    cache = KVCache.empty(CFG, batch=2, slots=6 if grow else 16)
+    assert [k.shape for k in cache.k_BKSH] == [(2, 2, cache.segment_ids_BS.shape[1], 8)] * CFG.num_hidden_layers
     x, cache = model.forward_with_cache(ids[:, :prompt], cache, attention_mask=mask[:, :prompt])
+    if grow:
+        cache = cache.grown(16)
+        assert cache.v_BKSH[1].shape == (2, 2, 16, 8) and cache.segment_ids_BS.shape == (2, 16)
     steps = [model.logits(x)]
     next_pos = jnp.sum(mask[:, :prompt], axis=1)
     for t in range(prompt, 10):
