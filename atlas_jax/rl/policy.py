@@ -1,12 +1,14 @@
 """GRPO on the policy model: the loss in the train step's convention, log-prob passes for
 the reference and old policies, and the reference model's mixup.
 
-Token alignment follows SFT (`train.sft.next_token_targets`): position t predicts token
-t + 1 and carries loss_mask[t + 1], so prompt and padding positions carry no loss.
+Tokens are scored by the pass SFT's loss uses too (`train.logprobs.next_token_scores`):
+position t predicts token t + 1 and carries loss_mask[t + 1], so prompt and padding
+positions carry no loss.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.struct
@@ -18,35 +20,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from atlas_jax import parallel
 from atlas_jax.config import TrainerConfig
 from atlas_jax.rl.grpo import grpo_loss, token_logprobs
-from atlas_jax.train.sft import next_token_targets
+from atlas_jax.train.logprobs import CHUNK_T, next_token_scores, next_token_targets
 from atlas_jax.train.state import TrainState, create_train_state
 from atlas_jax.train.step import split_micro_batches
-
-CHUNK_T = 1024  # positions per logits chunk: a full [B, 8k, 152k] float32 tensor fits nowhere
 
 
 def shifted_logprobs(model, batch, temperature: float, chunk: int = CHUNK_T, dropout_keys_B=None):
     """(logp_BT, entropy_BT, mask_BT) of next tokens at the sampling temperature, chunked;
     per-row keys turn on LoRA dropout (the update only, never the old/ref passes)."""
-    x_BTD = model.hidden_states(batch.tokens, positions_BT=batch.positions, segment_ids_BT=batch.segment_ids,
-                                dropout_keys_B=dropout_keys_B)
-    targets_BT, mask_BT = next_token_targets(batch)
-    B, T, D = x_BTD.shape
-    chunk = min(chunk, T)
-    pad = -T % chunk
-    x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
-    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-    C = (T + pad) // chunk
-
-    @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
-    def one_chunk(_, xs):
-        x_BcD, targets_Bc = xs
-        return None, token_logprobs(model.logits(x_BcD), targets_Bc, temperature)
-
-    xs = (x_BTD.reshape(B, C, chunk, D).swapaxes(0, 1), targets_BT.reshape(B, C, chunk).swapaxes(0, 1))
-    _, (logp_CBc, ent_CBc) = jax.lax.scan(one_chunk, None, xs)
-    unchunk = lambda a: a.swapaxes(0, 1).reshape(B, C * chunk)[:, :T]  # noqa: E731
-    return unchunk(logp_CBc), unchunk(ent_CBc), mask_BT
+    score = functools.partial(token_logprobs, temperature=temperature)
+    (logp_BT, entropy_BT), mask_BT = next_token_scores(model, batch, score, chunk=chunk,
+                                                        dropout_keys_B=dropout_keys_B)
+    return logp_BT, entropy_BT, mask_BT
 
 
 def grpo_totals(batch, extras) -> dict:

@@ -10,54 +10,20 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atlas_jax import parallel
-
-# Logits are computed CHUNK_T positions at a time (and recomputed in the backward pass):
-# at 16k tokens x 150k vocab a full float32 logits_BTV would not fit on any device.
-CHUNK_T = 1024
+from atlas_jax.train.logprobs import next_token_scores
 
 
-def next_token_targets(batch):
-    """targets_BT[t] = tokens[t + 1], weighted by loss_mask[t + 1] (0 for the last position)."""
-    targets_BT = jnp.roll(batch.tokens, -1, axis=1)
-    mask_BT = jnp.roll(batch.loss_mask.astype(jnp.float32), -1, axis=1).at[:, -1].set(0.0)
-    return targets_BT, mask_BT
-
-
-def chunked_nll(model, x_BTD, targets_BT, mask_BT, chunk: int = CHUNK_T) -> jax.Array:
-    """sum over t of mask * -log p(target | x), logits built one length-chunk at a time."""
-    B, T, D = x_BTD.shape
-    chunk = min(chunk, T)
-    pad = -T % chunk
-    if pad:
-        x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
-        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-        mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
-    C = (T + pad) // chunk
-    xs = (x_BTD.reshape(B, C, chunk, D).swapaxes(0, 1),
-          targets_BT.reshape(B, C, chunk).swapaxes(0, 1),
-          mask_BT.reshape(B, C, chunk).swapaxes(0, 1))
-
-    @jax.checkpoint
-    def chunk_nll(x_BcD, targets_Bc, mask_Bc):
-        logits_BcV = model.logits(x_BcD)
-        logz_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
-        target_Bc = jnp.take_along_axis(logits_BcV, targets_Bc[..., None], axis=-1)[..., 0]
-        return jnp.sum((logz_Bc - target_Bc) * mask_Bc)
-
-    def body(total, chunk_xs):
-        return total + chunk_nll(*chunk_xs), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-    return total
+def _nll(logits_BcV, targets_Bc):
+    """-log p(target) of each position, from one chunk's float32 logits."""
+    logz_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
+    return logz_Bc - jnp.take_along_axis(logits_BcV, targets_Bc[..., None], axis=-1)[..., 0]
 
 
 def batch_nll(model, batch, dropout_keys_B=None) -> tuple[jax.Array, jax.Array]:
     """(summed NLL over loss tokens, number of loss tokens) of one batch; per-row keys turn
     on LoRA dropout (training only)."""
-    x_BTD = model.hidden_states(batch.tokens, positions_BT=batch.positions, segment_ids_BT=batch.segment_ids,
-                                dropout_keys_B=dropout_keys_B)
-    targets_BT, mask_BT = next_token_targets(batch)
-    return chunked_nll(model, x_BTD, targets_BT, mask_BT), jnp.sum(mask_BT)
+    nll_BT, mask_BT = next_token_scores(model, batch, _nll, dropout_keys_B=dropout_keys_B)
+    return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
 
 
 def make_sft_loss(graphdef: nnx.GraphDef) -> Callable:
