@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from atlas_jax.config import ModelConfig, TrainConfig, accumulation_steps
 from atlas_jax.models import param_count, quant
-from atlas_jax.train.sft import CHUNK_T
+from atlas_jax.train.logprobs import CHUNK_T
 from atlas_jax.parallel import MESH_AXES, data_parallel_size
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
