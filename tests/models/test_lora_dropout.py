@@ -12,11 +12,12 @@ from atlas_jax.config import ConfigError, LoraConfig, TrainConfig, TrainerConfig
 from atlas_jax.models import load_model, lora
 from atlas_jax.rl import policy
 from atlas_jax.train import optim, sft, state as state_lib, step as step_lib
+from tests.tiny import tiny_config
 from tests.train import helpers
 
 TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
-LORA = dataclasses.replace(helpers.TINY, lora=LoraConfig(rank=4, alpha=8.0, target_modules=TARGETS))
-DROPOUT = dataclasses.replace(helpers.TINY, lora=LoraConfig(rank=4, alpha=8.0, dropout=0.5, target_modules=TARGETS))
+LORA = tiny_config(lora=LoraConfig(rank=4, alpha=8.0, target_modules=TARGETS))
+DROPOUT = tiny_config(lora=LoraConfig(rank=4, alpha=8.0, dropout=0.5, target_modules=TARGETS))
 TRAINER = TrainerConfig(learning_rate=3e-2, lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=8)
 
 
@@ -153,7 +154,7 @@ def test_lora_sft_with_dropout_lowers_the_loss_and_keeps_the_base():
     (LoraConfig(rank=0, dropout=0.1), r"model.lora.dropout=0.1 .*model.lora.rank > 0"),
 ])
 def test_dropout_config_errors_name_the_key(lora_cfg, pattern):
-    cfg = TrainConfig(run="teacher_sft", model=dataclasses.replace(helpers.TINY, lora=lora_cfg))
+    cfg = TrainConfig(run="teacher_sft", model=tiny_config(lora=lora_cfg))
     with pytest.raises(ConfigError, match=pattern) as err:
         validate(cfg)
     assert "\n" not in str(err.value)
