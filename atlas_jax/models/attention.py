@@ -3,9 +3,10 @@
 `attend` computes softmax(q k^T * scale, masked) v exactly; `attention_path` picks how, from
 the number of queries, whether keys come from a KV cache, and the platform:
 
-  "one_query_sums"  a decode step (one query against the cache) on CPU. XLA:CPU runs the T=1 batched dots of
-                    dot_product_attention as slow generic kernels; as a multiply and a sum
-                    they are plain fused loops. Other platforms keep the library call.
+  "one_query_sums"  a decode step (one query against the cache) on CPU. XLA:CPU runs the
+                    T=1 batched dots of dot_product_attention as slow generic kernels; as a
+                    multiply and a sum they are plain fused loops. Other platforms keep the
+                    library call.
   "query_blocks"    a cached prefill (every platform) or a training forward on CPU. Where
                     XLA materialises the scores, B x N x T x S of them would be held at once:
                     a prefill of many long prompts against a longer cache, or a long-sequence
