@@ -234,6 +234,35 @@ def _rows_target(item_dir: str, mesh):
                                                        sharding=parallel.batch_sharding(mesh, len(m.shape))), stored)
 
 
+def check_resume(directory: str, resume_from: Optional[str], abstract_params) -> None:
+    """Refuses, in one line naming both shapes, a run that would resume (from its own
+    checkpoints `directory`, else `resume_from`) a checkpoint of another model. Nothing is
+    loaded or written: an Orbax restore would fail half-way, with a traceback, after the set-up
+    had already overwritten the run's config.yaml."""
+    own = os.path.isdir(directory) and _latest(directory) is not None
+    if not own and not resume_from:
+        return
+    source, step = (os.path.abspath(directory), None) if own else resolve(resume_from)
+    step = _latest(source) if step is None else step
+    if step is None:
+        raise CheckpointError(f"resume_from={resume_from}: no committed checkpoint in {source}")
+    if own:
+        subject = f"output_dir {os.path.dirname(source)} holds a checkpoint of another model (step {step})"
+        remedy = "; resume with the model its config.yaml names, or start this run in another output_dir"
+    else:
+        subject = f"resume_from={resume_from} is a checkpoint of another model (step {step})"
+        remedy = "; resume with the model named by the config.yaml beside it"
+    _check_shapes(os.path.join(source, str(step)), abstract_params, subject=subject, remedy=remedy, exact=True)
+
+
+def _latest(directory: str) -> Optional[int]:
+    reader = Checkpointer(directory, save_steps=1, max_to_keep=None, read_only=True)
+    try:
+        return reader.latest_step()
+    finally:
+        reader.close()
+
+
 def resume(checkpointer: Checkpointer, resume_from: Optional[str], state, iterator, *,
            mesh=None) -> tuple[Any, dict]:
     """(state, carried) to start from: the run's own latest checkpoint, else `resume_from`,
@@ -267,9 +296,13 @@ def _flat_shapes(tree) -> dict:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _check_shapes(step_dir: str, abstract_params) -> None:
+def _check_shapes(step_dir: str, abstract_params, *, subject: Optional[str] = None,
+                  remedy: str = " (check model=, or the run's config.yaml)", exact: bool = False) -> None:
     """Compares the stored parameters' shapes with the model's before any array is read: a
-    restore that fails half-way leaves Orbax reads in flight that outlive their event loop."""
+    restore that fails half-way leaves Orbax reads in flight that outlive their event loop.
+    `subject` starts the mismatch line (default: the checkpoint does not match this model);
+    `exact` also refuses stored parameters this model lacks (a resume restores the whole tree)."""
+    subject = subject or f"checkpoint {step_dir} does not match this model"
     try:
         with ocp.PyTreeCheckpointer() as reader:
             stored = reader.metadata(os.path.join(step_dir, STATE)).item_metadata.tree.get("params")
@@ -281,13 +314,15 @@ def _check_shapes(step_dir: str, abstract_params) -> None:
         raise CheckpointError(f"checkpoint {step_dir} holds no parameters")
     have, want = _flat_shapes(stored), _flat_shapes(abstract_params)
     for key, shape in want.items():
+        name = "/".join(key[:-1] if key[-1] == "value" else key)
         if key not in have:
-            raise CheckpointError(f"checkpoint {step_dir} does not match this model: it has no "
-                                  f"{'/'.join(key[:-1] if key[-1] == 'value' else key)}")
+            raise CheckpointError(f"{subject}: it has no {name}{remedy}")
         if have[key] != shape:
-            raise CheckpointError(f"checkpoint {step_dir} does not match this model: "
-                                  f"{'/'.join(key[:-1] if key[-1] == 'value' else key)} is {have[key]} there, "
-                                  f"{shape} here (check model=, or the run's config.yaml)")
+            raise CheckpointError(f"{subject}: {name} is {have[key]} there, {shape} here{remedy}")
+    extra = sorted(set(have) - set(want))
+    if extra and exact:
+        name = "/".join(extra[0][:-1] if extra[0][-1] == "value" else extra[0])
+        raise CheckpointError(f"{subject}: it has {name}, this model has none{remedy}")
 
 
 def best_step(directory: str) -> int:
