@@ -3,11 +3,12 @@
     python main.py +run=quickstart
     python main.py +run=teacher_rcl mesh=8gpu
     python main.py +run=teacher_rcl --cfg job        # print the composed config only
-    python main.py +run=teacher_rcl dry_run=true     # print the plan only
+    python main.py +run=teacher_rcl dry_run=true     # print the plan only (compiled where the mesh is present)
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -48,9 +49,15 @@ def _run(cfg: config_lib.TrainConfig) -> None:
 
     parallel.initialize_distributed(cfg.distributed)
     mesh = parallel.make_mesh(cfg.mesh)
-    run_plan = plan.make_plan(cfg, mesh)
-    print(run_plan.render(), flush=True)
+    run_plan = plan.make_plan(cfg, mesh)  # also checks the batch arithmetic against the mesh
+    compiled = cfg.run in plan.COMPILED_RUNS and (plan.mesh_is_present(cfg, mesh) or not cfg.dry_run)
+    if not compiled:  # the formula alone; training recipes print it beside their compiled step
+        print(run_plan.render(), flush=True)
     if cfg.dry_run:
+        if compiled:  # the recipe's own programs, compiled on shapes: nothing is loaded
+            recipe = importlib.import_module(recipes.RECIPES[cfg.run])
+            _, _, programs = recipe.prepare(cfg, mesh, total_steps=max(cfg.trainer.max_steps, 1))
+            plan.report(cfg, mesh, programs, dry_run=True)
         return
     try:
         recipes.run(cfg, mesh)
@@ -58,7 +65,7 @@ def _run(cfg: config_lib.TrainConfig) -> None:
         if "RESOURCE_EXHAUSTED" not in str(error) and "Out of memory" not in str(error):
             raise
         first = next((l.strip() for l in str(error).splitlines() if "memory" in l.lower()), str(error)[:200])
-        raise config_lib.UsageError(f"out of device memory ({first}); {plan.memory_advice(cfg)}") from None
+        raise config_lib.UsageError(f"out of device memory ({first}); {plan.memory_advice(cfg, mesh)}") from None
 
 
 def main() -> int:

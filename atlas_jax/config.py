@@ -153,6 +153,10 @@ class TrainerConfig:
     report_to: tuple[str, ...] = ("tensorboard",)
     peak_flops_per_device: Optional[float] = None  # None = table lookup (CPU: unknown)
     offload: str = "none"  # none | optimizer | optimizer_and_frozen
+    # Memory one device may use, in GiB; None = the device's own (GPU/TPU: bytes_limit less what
+    # is in use; CPU: MemAvailable shared by the local devices). A run whose compiled update step
+    # (or generation program) needs more is refused before anything is loaded (atlas_jax/plan.py).
+    memory_limit_gb: Optional[float] = None
     # GRPO / RCL
     num_generations: int = 8
     beta: float = 0.04
@@ -452,6 +456,8 @@ def validate(cfg: TrainConfig) -> None:
     _choice("trainer.loss_type", t.loss_type, LOSS_TYPES)
     _choice("trainer.scale_rewards", t.scale_rewards, SCALE_REWARDS)
     _choice("trainer.offload", t.offload, OFFLOAD)
+    if t.memory_limit_gb is not None:
+        _positive("trainer.memory_limit_gb", t.memory_limit_gb)
     _positive("trainer.learning_rate", t.learning_rate, allow_zero=True)
     if not 0.0 <= t.warmup_ratio <= 1.0:
         raise ConfigError(f"trainer.warmup_ratio={t.warmup_ratio} must be in [0, 1]")

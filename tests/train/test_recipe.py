@@ -12,7 +12,7 @@ import pytest
 
 from atlas_jax.config import BatchConfig, DataConfig, TrainConfig, TrainerConfig
 from atlas_jax.recipes import sft as sft_recipe
-from atlas_jax.train import checkpoint as ckpt_lib, loop as loop_lib
+from atlas_jax.train import checkpoint as ckpt_lib, loop as loop_lib, setup
 
 from . import helpers
 
@@ -35,16 +35,17 @@ def _losses(out) -> dict:
 
 
 def _wrap_steps(monkeypatch, hook):
-    """Runs hook(step_number, batch) -> batch before every update the recipe makes."""
-    real = sft_recipe.make_train_step
+    """Runs hook(step_number, batch) -> batch before every update the recipe makes (the
+    update the recipe calls is its compiled step bound to the run: setup.Job.bind)."""
+    real = setup.Job.bind
 
-    def make_train_step(*args, **kwargs):
-        step_fn = real(*args, **kwargs)
+    def bind(job, update):
+        step_fn = real(job, update)
 
-        def wrapped(state, batch):
-            return step_fn(state, hook(int(jax.device_get(state.step)) + 1, batch))
+        def wrapped(state, batch, extras=None):
+            return step_fn(state, hook(int(jax.device_get(state.step)) + 1, batch), extras)
         return wrapped
-    monkeypatch.setattr(sft_recipe, "make_train_step", make_train_step)
+    monkeypatch.setattr(setup.Job, "bind", bind)
 
 
 def _params_at(out, step, mesh):
