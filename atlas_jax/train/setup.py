@@ -3,11 +3,13 @@
 `abstract_run`: the run's arrays as ShapeDtypeStructs on their shardings (the model, the
 LoRA split into trained adapters and a frozen base, the optimizer state, offload applied),
 with nothing allocated, so the update step can be compiled and its memory checked before
-any weight is loaded (plan.report). `start`: the same arrays for real, on those shardings
-(so the step compiled for the shapes is the step that runs), the checkpointer (rotation,
-best checkpoint), the resume from the latest checkpoint (or `resume_from`; a checkpoint of
-another model is refused before anything is written), output_dir's config.yaml and the
-metric writers. `export_final`: the Hugging Face directory written at the end of a run.
+any weight is loaded (plan.report); a run that would resume a checkpoint of another model
+is refused there, before anything is written. `start`: the same arrays for real, on those
+shardings (so the step compiled for the shapes is the step that runs), the checkpointer
+(rotation, best checkpoint), the resume from the latest checkpoint (or `resume_from`),
+output_dir's config.yaml (written once the state is restored, so a resume that fails leaves
+the run's own) and the metric writers. `export_final`: the Hugging Face directory written
+at the end of a run.
 """
 
 from __future__ import annotations
