@@ -18,6 +18,10 @@ the number of queries, whether keys come from a KV cache, and the platform:
                     on GPU) can serve. JAX's default implementation is XLA's own;
                     tests/test_accelerator.py records which one a device ran.
 
+On CPU a whole computation (a training forward short enough for one block) is written as
+[B, K]-batched matmuls in the layout XLA:CPU runs without transposed copies of the scores
+(`_whole_as_batched_matmuls`); elsewhere it is the library call.
+
 Every path gives each query row a softmax over all its keys, so they agree to rounding.
 """
 
@@ -51,7 +55,29 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, cached: bool) -> jax.Array:
 
 
 def _whole(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
+    if jax.default_backend() == "cpu":
+        return _whole_as_batched_matmuls(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale)
+
+
+def _whole_as_batched_matmuls(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
+    """dot_product_attention's computation (float32 scores, the same masking value, softmax
+    in float32), laid out for XLA:CPU: each kv head's G query heads are stacked along the
+    query axis (Q = G x T), so both products are [B, K]-batched matmuls with one contracting
+    axis, forward and backward. In the library's layout XLA:CPU copied a transpose of the
+    scores around every product of the backward pass."""
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    G = N // K
+    q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    k_BKSH, v_BKSH = jnp.swapaxes(k_BSKH, 1, 2), jnp.swapaxes(v_BSKH, 1, 2)
+    scores_BKQS = jnp.einsum("BKQH,BKSH->BKQS", q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
+    scores_BKQS = scores_BKQS * jnp.float32(scale)
+    mask_B1QS = jnp.broadcast_to(mask_BTS[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
+    scores_BKQS = jnp.where(mask_B1QS, scores_BKQS, -0.7 * jnp.finfo(jnp.float32).max)
+    probs_BKQS = jax.nn.softmax(scores_BKQS, axis=-1).astype(v_BSKH.dtype)
+    out_BKQH = jnp.einsum("BKQS,BKSH->BKQH", probs_BKQS, v_BKSH)
+    return out_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def _in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):

@@ -79,29 +79,26 @@ def project(cfg: ModelConfig, p: dict, name: str, x, dropout_keys_B=None):
     """The projection `name` of one layer (its einsum in models/projections.py) on x, plus the
     adapter's low-rank term when `name` has one.
 
-    Several trailing input axes (o_proj's heads x head_dim) are contracted as one flattened
-    axis X: given "BTNH,NHD->BTD", XLA:CPU transposed the whole weight on every call.
+    Computed as one 2-D matmul, [rows, inputs] @ [inputs, outputs], with the input's leading
+    axes (batch, length) and the weight's input and output axes each flattened (free
+    reshapes of contiguous axes). As a 3- or 4-D einsum, XLA:CPU copied a transpose of the
+    activations for the weight gradient of every projection (it contracts batch and length
+    as two axes); the 2-D form's gradient is a transposed-operand matmul with no copy.
     `dropout_keys_B` (one key per row of x, already folded with the layer) turns on the
     adapter's input dropout; each projection draws its own masks, as PEFT's per-module
     Dropout does."""
-    spec = EINSUMS[name]
-    (x_spec, w_spec), out_spec = spec.split("->")[0].split(","), spec.split("->")[1]
     n_in = INPUT_AXES[name]
-    in_letters, out_letters = w_spec[:n_in], w_spec[n_in:]
     w, a = p[name], p.get(name + A_SUFFIX)
-    if n_in > 1 and x_spec.endswith(in_letters):
-        x = x.reshape(*x.shape[:-n_in], -1)
-        w = w.reshape(-1, *w.shape[n_in:])
-        a = None if a is None else a.reshape(-1, *a.shape[n_in:])
-        x_spec, in_letters = x_spec[:-n_in] + "X", "X"
-    y = jnp.einsum(f"{x_spec},{in_letters}{out_letters}->{out_spec}", x, w)
+    lead, out = x.shape[:-n_in], w.shape[n_in:]
+    x_MI = x.reshape(math.prod(lead), -1)
+    y = (x_MI @ w.reshape(x_MI.shape[1], -1)).reshape(*lead, *out)
     if a is None:
         return y
     if dropout_keys_B is not None and cfg.lora.dropout > 0:
-        x = dropout(x, fold_in(dropout_keys_B, PROJECTION_IDS[name]), cfg.lora.dropout)
-    r_spec = "".join(c for c in x_spec if c not in in_letters) + "R"
-    x_R = jnp.einsum(f"{x_spec},{in_letters}R->{r_spec}", x, a)
-    return y + scale(cfg) * jnp.einsum(f"{r_spec},R{out_letters}->{out_spec}", x_R, p[name + B_SUFFIX])
+        x_MI = dropout(x, fold_in(dropout_keys_B, PROJECTION_IDS[name]), cfg.lora.dropout).reshape(x_MI.shape)
+    x_MR = x_MI @ a.reshape(x_MI.shape[1], -1)
+    b = p[name + B_SUFFIX]
+    return y + scale(cfg) * (x_MR @ b.reshape(b.shape[0], -1)).reshape(*lead, *out)
 
 
 def split(model) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

@@ -110,7 +110,10 @@ def test_qlora_forward_close_to_bf16_and_training_lowers_the_loss():
 
 def test_lora_on_a_pretrained_checkpoint_starts_from_its_weights(tmp_path):
     """The common case: adapters on a Hugging Face model. They are not in the checkpoint,
-    start fresh (B = 0) on the mesh, and leave the model's output exactly the checkpoint's."""
+    start fresh (B = 0) on the mesh, and leave the model's output the checkpoint's, to float32
+    rounding: XLA may fuse the (zero) adapter term's add into the base matmul's kernel, whose
+    summation order differs in the last bit; adapters that were not zero would move the
+    logits by ~1e-2."""
     save_pretrained(load_model(TINY, seed=3), str(tmp_path))
     batch = helpers.synthetic_batch(1)
     mesh = helpers.mesh_of(8)
@@ -119,4 +122,5 @@ def test_lora_on_a_pretrained_checkpoint_starts_from_its_weights(tmp_path):
     assert lora.has_adapters(adapted)
     _, adapters, _ = lora.split_trainable(adapted)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(adapters))
-    np.testing.assert_array_equal(np.asarray(_logits(adapted, batch)), np.asarray(_logits(plain, batch)))
+    np.testing.assert_allclose(np.asarray(_logits(adapted, batch)), np.asarray(_logits(plain, batch)),
+                               atol=1e-6, rtol=0)
