@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from atlas_jax.config import MeshConfig, ModelConfig, TrainerConfig
+from atlas_jax.config import MeshConfig, TrainerConfig
 from atlas_jax.data.batch import to_global
 from atlas_jax.generation import generate
 from atlas_jax.models import init_model
@@ -16,10 +16,10 @@ from atlas_jax.rl.grpo import group_advantages
 from atlas_jax.rl.rollout import Completions, training_batch
 from atlas_jax.train.optim import make_optimizer
 from atlas_jax.train.step import make_train_step
+from tests.tiny import tiny_config
 
 TARGET = 7  # reward = share of completion tokens equal to this id
-MODEL = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True)
+MODEL = tiny_config(vocab_size=32)
 TRAINER = TrainerConfig(learning_rate=3e-2, lr_scheduler_type="constant", weight_decay=0.0, beta=0.0,
                         temperature=1.0, max_completion_length=8, num_generations=8)
 

@@ -8,16 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from atlas_jax.config import MeshConfig, ModelConfig, TrainerConfig
+from atlas_jax.config import MeshConfig, TrainerConfig
 from atlas_jax.data.batch import Batch, to_global
 from atlas_jax.models import init_model
 from atlas_jax.parallel import batch_sharding, make_mesh
 from atlas_jax.rl import policy
 from atlas_jax.train.optim import make_optimizer
 from atlas_jax.train.step import make_train_step
+from tests.tiny import TINY
 
-MODEL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True)
+MODEL = TINY
 # lr 1e-4: Adam's first step moves each parameter by ~lr * g / |g|, so a wrong update shows as
 # ~1e-4 (10x the tolerance) while summation-order noise in near-zero gradients stays ~1e-6.
 TRAINER = TrainerConfig(learning_rate=1e-4, warmup_ratio=0.0, lr_scheduler_type="constant", beta=0.04,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from atlas_jax.config import ModelConfig
 from atlas_jax.models import init_model
 from atlas_jax.rl.rollout import Completions, encode_left_padded, eos_ids, sample, training_batch
+from tests.tiny import tiny_config
 
 TOKENIZER_DIR = pathlib.Path(__file__).resolve().parents[2] / "atlas_jax" / "assets" / "tokenizer"
 
@@ -36,9 +36,8 @@ def test_left_padding_keeps_the_end_and_buckets(tokenizer):
 def test_sampling_stays_inside_the_model_window(tokenizer, caplog):
     """The recipe's 4096 + 4096 budgets on a model with a 160-token window: prompts keep their
     end, the budget shrinks to the room left, and a warning says so."""
-    model = init_model(ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                   head_dim=16, max_position_embeddings=160), seed=0)
+    model = init_model(tiny_config(vocab_size=len(tokenizer), num_hidden_layers=1, max_position_embeddings=160),
+                       seed=0)
     prompts = ["word " * 300, "What is 2 + 3?"]
     with caplog.at_level(logging.WARNING, logger="atlas_jax.rl.rollout"):
         out = sample(model, tokenizer, prompts, max_prompt_length=4096, max_new_tokens=4096, temperature=1.0)

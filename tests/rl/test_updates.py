@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from atlas_jax.config import MeshConfig, ModelConfig, TrainerConfig
+from atlas_jax.config import MeshConfig, TrainerConfig
 from atlas_jax.models import init_model
 from atlas_jax.parallel import make_mesh
 from atlas_jax.rl import policy, updates
@@ -19,9 +19,9 @@ from atlas_jax.rl.rollout import AnswerEpisode, Completions
 from atlas_jax.train.checkpoint import Checkpointer
 from atlas_jax.train.optim import make_optimizer
 from atlas_jax.train.state import abstract_of
+from tests.tiny import TINY
 
-MODEL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, qk_norm=True)
+MODEL = TINY
 G = 4
 
 
