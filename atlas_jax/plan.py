@@ -449,28 +449,3 @@ def _scaled(compiled: ProgramMemory, before: Plan, after: Plan) -> float:
     activations = max(compiled.temporaries - before.bytes_grads, 0.0)
     return ((compiled.arguments + compiled.outputs - compiled.aliased) * ratio(held(after), held(before))
             + after.bytes_grads + activations * ratio(after.bytes_activations, before.bytes_activations))
-
-
-def generation_program(model, mesh, *, prompts: int, prompt_length: int, max_new_tokens: int, num_samples: int,
-                       sort: bool, stop_tokens: int = 1) -> tuple:
-    """(jitted, args, static kwargs) of the sampler's program as `generation.generate` calls it
-    for `prompts` rows of `prompt_length` tokens and `stop_tokens` EOS ids (model: ShapeDtypeStruct
-    leaves allowed); the rollout's own call then reuses the executable when its shapes agree."""
-    from flax import nnx
-
-    from atlas_jax import parallel
-    from atlas_jax.generation import sampler
-
-    graphdef, params = nnx.split(model)
-    dp = parallel.data_parallel_size(mesh)
-    rows = -(-sampler.bucket(prompts, 1) // dp) * dp
-    length, budget = sampler.bucket(prompt_length), sampler.bucket(max_new_tokens)
-    sds = jax.ShapeDtypeStruct
-    i32, f32 = np.int32, np.float32
-    ids = sds((rows, length), i32, sharding=parallel.batch_sharding(mesh, 2))
-    row_ids = sds((rows * num_samples,), i32, sharding=parallel.batch_sharding(mesh, 1))
-    scalars = [sds((), dtype) for dtype in (i32, f32, i32, f32, f32)]  # temperature, top_k, top_p, min_p
-    args = (graphdef, params, ids, ids, row_ids, scalars[0], sds((stop_tokens,), i32), sds((), i32),
-            sds((), np.uint32), *scalars[1:])
-    return sampler._program, args, dict(budget=budget, num_samples=num_samples, sort=sort, mesh=mesh,
-                                        ends=sampler.segment_ends(budget))

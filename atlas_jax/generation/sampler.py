@@ -138,6 +138,30 @@ def _mesh_of(params) -> Optional[Mesh]:
     return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
 
 
+def bucketed_shapes(rows: int, length: int, max_new_tokens: int, mesh: Optional[Mesh]) -> tuple[int, int, int]:
+    """(rows, prompt length, budget) the program is compiled for: each bucketed, the rows also
+    a multiple of the mesh's data-parallel size."""
+    dp = 1 if mesh is None else parallel.data_parallel_size(mesh)
+    return -(-bucket(rows, 1) // dp) * dp, bucket(length), bucket(max_new_tokens)
+
+
+def abstract_call(model, mesh: Mesh, *, prompts: int, prompt_length: int, max_new_tokens: int, num_samples: int,
+                  sort: bool, stop_tokens: int = 1) -> tuple:
+    """(jitted program, abstract args, static kwargs) of the call `generate` makes for `prompts`
+    rows of `prompt_length` tokens and `stop_tokens` EOS ids, for lowering without data (the
+    model's leaves may be ShapeDtypeStructs); a later `generate` of those shapes reuses it."""
+    graphdef, params = nnx.split(model)
+    rows, length, budget = bucketed_shapes(prompts, prompt_length, max_new_tokens, mesh)
+    sds, i32, f32 = jax.ShapeDtypeStruct, np.int32, np.float32
+    ids = sds((rows, length), i32, sharding=parallel.batch_sharding(mesh, 2))
+    row_ids = sds((rows * num_samples,), i32, sharding=parallel.batch_sharding(mesh, 1))
+    max_new, temperature, top_k, top_p, min_p = (sds((), dtype) for dtype in (i32, f32, i32, f32, f32))
+    args = (graphdef, params, ids, ids, row_ids, max_new, sds((stop_tokens,), i32), sds((), i32),
+            sds((), np.uint32), temperature, top_k, top_p, min_p)
+    return _program, args, dict(budget=budget, num_samples=num_samples, sort=sort, mesh=mesh,
+                                ends=segment_ends(budget))
+
+
 def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: int = 0, seed: int = 0,
@@ -164,9 +188,7 @@ def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, 
     graphdef, params = nnx.split(model)
     mesh = mesh or _mesh_of(params)
     B, T = ids.shape
-    dp = 1 if mesh is None else parallel.data_parallel_size(mesh)
-    Bb = -(-bucket(B, 1) // dp) * dp
-    Tb, budget = bucket(T), bucket(max_new_tokens)
+    Bb, Tb, budget = bucketed_shapes(B, T, max_new_tokens, mesh)
     # left-pad to the length bucket, add all-padding filler rows to the batch bucket
     ids_p = np.full((Bb, Tb), pad_token_id, np.int32)
     mask_p = np.zeros((Bb, Tb), np.int32)

@@ -26,6 +26,7 @@ from flax import nnx
 from atlas_jax import parallel, plan
 from atlas_jax.config import TrainConfig, accumulation_steps
 from atlas_jax.data import Batch, rl_batches, rl_num_examples
+from atlas_jax.generation import sampler
 from atlas_jax.models import load_tokenizer, lora
 from atlas_jax.rl import episodes, policy, rollout, updates
 from atlas_jax.rl.samples import SampleWriter, sample_records
@@ -126,7 +127,7 @@ def prepare(cfg: TrainConfig, mesh, *, total_steps: int, stop_tokens: int = 1) -
     if t.num_iterations > 1:
         extras["old_logp"] = sds((B, T), jnp.float32)
     sampler_model = nnx.merge(shapes.graphdef, lora.full_params(shapes.state.params, shapes.frozen))
-    generation = plan.generation_program(
+    generation = sampler.abstract_call(
         sampler_model, mesh, prompts=B // t.num_generations * t.generation_aggregation_steps, prompt_length=prompt,
         max_new_tokens=completion, num_samples=t.num_generations, sort=t.top_k > 0 or t.top_p < 1.0,
         stop_tokens=stop_tokens)
