@@ -63,8 +63,8 @@ RENAMED: dict[str, Replacement] = {
     "fp16": Replacement(("model.dtype",), "use model.dtype=float16"),
     "gradient_checkpointing": _REMAT,
     "gradient_checkpointing_kwargs": _REMAT,
-    "attn_implementation": Replacement((), "none needed: attention is jax.nn.dot_product_attention "
-                                           "(cuDNN on GPU)"),
+    "attn_implementation": Replacement((), "none needed: attention is XLA's, a block of queries at a "
+                                           "time on long sequences (atlas_jax/models/attention.py)"),
     "use_peft": Replacement(("model.lora.rank",), "LoRA is on when model.lora.rank > 0: set model.lora.rank "
                                                   "(and model.lora.alpha)"),
     "peft_config": _use("model.lora.rank", "model.lora.alpha"),

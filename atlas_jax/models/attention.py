@@ -7,16 +7,16 @@ the number of queries, whether keys come from a KV cache, and the platform:
                     T=1 batched dots of dot_product_attention as slow generic kernels; as a
                     multiply and a sum they are plain fused loops. Other platforms keep the
                     library call.
-  "query_blocks"    a cached prefill (every platform) or a training forward on CPU. Where
-                    XLA materialises the scores, B x N x T x S of them would be held at once:
-                    a prefill of many long prompts against a longer cache, or a long-sequence
-                    training step, asks for more memory than any device has. A block of
-                    queries at a time, each block rematerialised, bounds forward and backward
-                    to one block's scores (SCORES_PER_BLOCK).
-  "whole"           everything else, notably a training forward and a decode step on GPU or
-                    TPU: one jax.nn.dot_product_attention call, the one a fused kernel (cuDNN
-                    on GPU) can serve. JAX's default implementation is XLA's own;
-                    tests/test_accelerator.py records which one a device ran.
+  "query_blocks"    every other forward: a training forward, a cached prefill. Where XLA
+                    materialises the scores (XLA:CPU always; JAX's default implementation on
+                    GPU and TPU too), B x N x T x S of them would be held at once, and a long
+                    sequence or a prefill of many prompts against a long cache asks for more
+                    memory than any device has. A block of queries at a time, each block
+                    rematerialised, bounds forward and backward to one block's scores
+                    (SCORES_PER_BLOCK). When one block covers every query (the common short
+                    case) this is the whole computation below, in one call.
+  "whole"           a decode step on GPU or TPU: one jax.nn.dot_product_attention call.
+                    tests/test_accelerator.py records which implementation a device ran.
 
 On CPU a whole computation (a training forward short enough for one block) is written as
 [B, K]-batched matmuls in the layout XLA:CPU runs without transposed copies of the scores
@@ -37,9 +37,7 @@ def attention_path(num_queries: int, *, cached: bool, platform: str) -> str:
     """The path `attend` takes (module docstring): "one_query_sums", "query_blocks" or "whole"."""
     if cached and num_queries == 1:  # a decode step
         return "one_query_sums" if platform == "cpu" else "whole"
-    if cached or platform == "cpu":
-        return "query_blocks"
-    return "whole"
+    return "query_blocks"  # the whole computation when one block covers every query
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, cached: bool) -> jax.Array:
@@ -82,22 +80,26 @@ def _whole_as_batched_matmuls(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
 
 def _in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
     """Attention a block of queries at a time, each block rematerialised, so the forward and
-    the backward pass hold one block's scores at a time; whole when one block covers T."""
+    the backward pass hold one block's scores at a time; whole when one block covers T. A
+    length that is no multiple of the block gets padding queries that see no key (their
+    rows are computed and dropped)."""
     B, T, N, _ = q_BTNH.shape
     S = k_BSKH.shape[1]
     block = 1 << max(0, (SCORES_PER_BLOCK // max(B * N * S, 1)).bit_length() - 1)
-    if block >= T or T % block:
+    if block >= T:
         return _whole(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
-    C = T // block
-    q_CBtNH = q_BTNH.reshape(B, C, block, *q_BTNH.shape[2:]).swapaxes(0, 1)
-    mask_CBtS = mask_BTS.reshape(B, C, block, S).swapaxes(0, 1)
+    pad = -T % block
+    C = (T + pad) // block
+    q_CBtNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, C, block, *q_BTNH.shape[2:])
+    q_CBtNH = q_CBtNH.swapaxes(0, 1)
+    mask_CBtS = jnp.pad(mask_BTS, ((0, 0), (0, pad), (0, 0))).reshape(B, C, block, S).swapaxes(0, 1)
 
     @jax.checkpoint  # backward recomputes a block's scores instead of keeping all of them
     def one_block(q_BtNH, mask_BtS):
         return _whole(q_BtNH, k_BSKH, v_BSKH, mask_BtS, scale)
 
     out_CBtNH = jax.lax.map(lambda qm: one_block(*qm), (q_CBtNH, mask_CBtS))
-    return out_CBtNH.swapaxes(0, 1).reshape(q_BTNH.shape)
+    return out_CBtNH.swapaxes(0, 1).reshape(B, C * block, *q_BTNH.shape[2:])[:, :T]
 
 
 def _one_query_as_sums(q_B1NH, k_BSKH, v_BSKH, mask_B1S, scale):

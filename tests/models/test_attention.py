@@ -28,16 +28,18 @@ def _whole(q, k, v, mask):
     (1, True, "cpu", "one_query_sums"),  # XLA:CPU's T=1 dots are slow
     (64, True, "gpu", "query_blocks"),  # a cached prefill bounds its scores everywhere
     (64, True, "cpu", "query_blocks"),
-    (64, False, "cpu", "query_blocks"),  # training on CPU: XLA:CPU materialises the scores
-    (64, False, "gpu", "whole"),  # training on GPU: the library call
+    (64, False, "cpu", "query_blocks"),  # training: bounded scores on every platform
+    (64, False, "gpu", "query_blocks"),  # training on GPU too: XLA's default holds the scores
+    (64, False, "tpu", "query_blocks"),
     (1, False, "cpu", "query_blocks"),  # one token without a cache is no decode step
 ])
 def test_path_by_platform(num_queries, cached, platform, path):
     assert attention.attention_path(num_queries, cached=cached, platform=platform) == path
 
 
-def test_cached_prefill_in_query_blocks_equals_whole(monkeypatch):
-    q, k, v, mask = _qkv_mask()
+@pytest.mark.parametrize("T", [64, 60])  # 60: the last 16-query block is part padding
+def test_cached_prefill_in_query_blocks_equals_whole(monkeypatch, T):
+    q, k, v, mask = _qkv_mask(T=T)
     B, T, N, _ = q.shape
     monkeypatch.setattr(attention, "SCORES_PER_BLOCK", B * N * k.shape[1] * 16)  # 16-query blocks
     blocked = jax.jit(lambda *a: attention.attend(*a, cached=True))(q, k, v, mask)
