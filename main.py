@@ -45,19 +45,19 @@ def _main(raw: DictConfig) -> None:
 
 def _run(cfg: config_lib.TrainConfig) -> None:
     # jax is imported only now: `--cfg job` and config errors stay instant.
-    from atlas_jax import parallel, plan, recipes
+    from atlas_jax import memory, parallel, plan, recipes
 
     parallel.initialize_distributed(cfg.distributed)
     mesh = parallel.make_mesh(cfg.mesh)
     run_plan = plan.make_plan(cfg, mesh)  # also checks the batch arithmetic against the mesh
-    compiled = cfg.run in plan.COMPILED_RUNS and (plan.mesh_is_present(cfg, mesh) or not cfg.dry_run)
+    compiled = cfg.run in memory.COMPILED_RUNS and (memory.mesh_is_present(cfg, mesh) or not cfg.dry_run)
     if not compiled:  # the formula alone; training recipes print it beside their compiled step
         print(run_plan.render(), flush=True)
     if cfg.dry_run:
         if compiled:  # the recipe's own programs, compiled on shapes: nothing is loaded
             recipe = importlib.import_module(recipes.RECIPES[cfg.run])
             _, _, programs = recipe.prepare(cfg, mesh, total_steps=max(cfg.trainer.max_steps, 1))
-            plan.report(cfg, mesh, programs, dry_run=True)
+            memory.report(cfg, mesh, programs, dry_run=True)
         return
     try:
         recipes.run(cfg, mesh)
@@ -65,7 +65,7 @@ def _run(cfg: config_lib.TrainConfig) -> None:
         if "RESOURCE_EXHAUSTED" not in str(error) and "Out of memory" not in str(error):
             raise
         first = next((l.strip() for l in str(error).splitlines() if "memory" in l.lower()), str(error)[:200])
-        raise config_lib.UsageError(f"out of device memory ({first}); {plan.memory_advice(cfg, mesh)}") from None
+        raise config_lib.UsageError(f"out of device memory ({first}); {memory.memory_advice(cfg, mesh)}") from None
 
 
 def main() -> int:

@@ -155,7 +155,7 @@ class TrainerConfig:
     offload: str = "none"  # none | optimizer | optimizer_and_frozen
     # Memory one device may use, in GiB; None = the device's own (GPU/TPU: bytes_limit less what
     # is in use; CPU: MemAvailable shared by the local devices). A run whose compiled update step
-    # (or generation program) needs more is refused before anything is loaded (atlas_jax/plan.py).
+    # (or generation program) needs more is refused before anything is loaded (atlas_jax/memory.py).
     memory_limit_gb: Optional[float] = None
     # GRPO / RCL
     num_generations: int = 8

@@ -12,7 +12,7 @@ analysis does not tell host from device bytes, so the offload rows are unmeasure
 mesh is laid out on placeholder devices, so no GPU is needed to print the table.
 
 --measure runs the recipe the overrides name for one step on this machine's devices and
-prints, per device, the compiled plan (plan.report, before anything loads), XLA's analysis
+prints, per device, the compiled plan (atlas_jax/memory.report, before anything loads), XLA's analysis
 of the executable the first step ran, the formula's estimate, and what the step took: the
 allocator's peak on GPU/TPU (memory_stats), and on CPU the growth of the process's peak RSS
 during the step (VmHWM after the step, reset just before it, less VmRSS before it; all
@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from atlas_jax import plan
+from atlas_jax import memory, plan
 from atlas_jax.config import LoraConfig, compose
 
 LORA = LoraConfig(rank=16, alpha=32.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -96,7 +96,7 @@ def measure(overrides: list[str]) -> None:
                    "data.eval_split_ratio=0", f"output_dir={out}"])
     mesh = parallel.make_mesh(cfg.mesh)
     planned, ran, step_bytes = {}, {}, {}
-    report, bind = plan.report, setup.Job.bind
+    report, bind = memory.report, setup.Job.bind
 
     def recording_report(*args, **kwargs):
         planned.update(report(*args, **kwargs))
@@ -119,15 +119,15 @@ def measure(overrides: list[str]) -> None:
             stats = devices[0].memory_stats()
             if stats and "peak_bytes_in_use" in stats:
                 step_bytes["allocator peak"] = stats["peak_bytes_in_use"]
-            ran["update step"] = plan.ProgramMemory.of(update.jitted.lower(*args).compile())
+            ran["update step"] = memory.ProgramMemory.of(update.jitted.lower(*args).compile())
             return result
         return first_step
 
-    plan.report, setup.Job.bind = recording_report, measuring_bind
+    memory.report, setup.Job.bind = recording_report, measuring_bind
     try:
         recipes.run(cfg, mesh)
     finally:
-        plan.report, setup.Job.bind = report, bind
+        memory.report, setup.Job.bind = report, bind
     estimate = plan.make_plan(cfg, mesh)
     mib = lambda b: f"{b / 2**20:10.1f} MiB"  # noqa: E731
     print(f"\n{' '.join(overrides)}: {jax.local_device_count()} {mesh.devices.flat[0].platform} device(s), "

@@ -13,7 +13,7 @@ import jax
 import pytest
 
 import main
-from atlas_jax import parallel, plan, recipes
+from atlas_jax import memory, parallel, recipes
 from atlas_jax.config import compose
 from atlas_jax.generation import sampler
 from atlas_jax.train import setup
@@ -58,24 +58,24 @@ class _Recorder:
             self.first = (*args[:self.static], *_abstract(args[self.static:])), kwargs
         return self.jitted(*args, **kwargs)
 
-    def ran(self) -> plan.ProgramMemory:
+    def ran(self) -> memory.ProgramMemory:
         """The analysis of the executable the first call ran (jax's cache hands back that one)."""
         args, kwargs = self.first
-        return plan.ProgramMemory.of(self.jitted.lower(*args, **kwargs).compile())
+        return memory.ProgramMemory.of(self.jitted.lower(*args, **kwargs).compile())
 
 
 _RUNS: dict = {}  # case -> (output_dir, planned, ran): one run per case, shared by the tests below
 
 
 def recorded_run(case: str, tmp_path_factory) -> tuple[pathlib.Path, dict, dict]:
-    """Runs CASES[case] for one step: (output_dir, what plan.report compiled, what the first
+    """Runs CASES[case] for one step: (output_dir, what memory.report compiled, what the first
     step ran), each {program: ProgramMemory}."""
     if case in _RUNS:
         return _RUNS[case]
     out = tmp_path_factory.mktemp(case)
     cfg = compose([*CASES[case], f"output_dir={out}"])
     planned, recorders = {}, {"generation": _Recorder(sampler._program, static=1)}
-    report, bind = plan.report, setup.Job.bind
+    report, bind = memory.report, setup.Job.bind
 
     def recording_report(*args, **kwargs):
         planned.update(report(*args, **kwargs))
@@ -86,7 +86,7 @@ def recorded_run(case: str, tmp_path_factory) -> tuple[pathlib.Path, dict, dict]
         return lambda state, batch, extras=None: recorders["update step"](state, batch, extras, job.frozen)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(plan, "report", recording_report)
+        patch.setattr(memory, "report", recording_report)
         patch.setattr(setup.Job, "bind", recording_bind)
         patch.setattr(sampler, "_program", recorders["generation"])
         recipes.run(cfg, parallel.make_mesh(cfg.mesh, jax.devices()[:1]))
@@ -97,7 +97,7 @@ def recorded_run(case: str, tmp_path_factory) -> tuple[pathlib.Path, dict, dict]
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_compiled_plan_is_what_the_first_step_ran(case, tmp_path_factory):
-    """plan.report's figures for the update step (and GRPO's sampling program) are within 10%
+    """memory.report's figures for the update step (and GRPO's sampling program) are within 10%
     of the memory analysis of the executable the run's first step actually ran (it is that
     executable: the run reuses what the plan compiled)."""
     _, planned, ran = recorded_run(case, tmp_path_factory)

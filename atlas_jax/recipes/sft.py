@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from atlas_jax import parallel, plan
+from atlas_jax import memory, parallel
 from atlas_jax.config import TrainConfig, accumulation_steps
 from atlas_jax.data import Batch, sft_batches, sft_num_examples, to_global
 from atlas_jax.data.sft import row_length
@@ -39,7 +39,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
 
     # 2. Shapes, update step, memory plan (refused here when it cannot fit).
     shapes, update, programs = prepare(cfg, mesh, total_steps=total)
-    plan.report(cfg, mesh, programs)
+    memory.report(cfg, mesh, programs)
 
     # 3. Model, optimizer state, checkpointer, writers; resume (with LoRA only the adapters train).
     job = setup.start(cfg, mesh, shapes, total_steps=total, batches=batches)
@@ -66,7 +66,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
 
 
 def prepare(cfg: TrainConfig, mesh, *, total_steps: int) -> tuple[setup.AbstractRun, Any, dict]:
-    """(the run's shapes, its update step, the programs plan.report compiles): nothing is
+    """(the run's shapes, its update step, the programs memory.report compiles): nothing is
     allocated, so a dry run calls this alone."""
     b = cfg.batch
     shapes = setup.abstract_run(cfg, mesh, total_steps=total_steps)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from atlas_jax import parallel, plan
+from atlas_jax import memory, parallel
 from atlas_jax.config import TrainConfig, accumulation_steps
 from atlas_jax.data import Batch, rl_batches, rl_num_examples
 from atlas_jax.generation import sampler
@@ -50,7 +50,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
     # 2. The run as shapes (nothing allocated), its GRPO update and the rollout's sampling
     #    program compiled for them: the memory plan, refused here when it cannot fit.
     shapes, grpo_update, programs = prepare(cfg, mesh, total_steps=total, stop_tokens=len(rollout.eos_ids(tokenizer)))
-    plan.report(cfg, mesh, programs)
+    memory.report(cfg, mesh, programs)
 
     # 3. Teacher, optimizer, state (+ a reference copy; with LoRA the frozen base is the reference),
     #    checkpointer, writers, resume; then the student. A student that is the teacher's base
@@ -101,7 +101,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
 
 
 def prepare(cfg: TrainConfig, mesh, *, total_steps: int, stop_tokens: int = 1) -> tuple[setup.AbstractRun, Any, dict]:
-    """(the run's shapes, its GRPO update step, the programs plan.report compiles: the update
+    """(the run's shapes, its GRPO update step, the programs memory.report compiles: the update
     on the longest rows a rollout can make, and the policy's sampling program for a rollout's
     prompts, `stop_tokens` EOS ids); nothing is allocated, so a dry run calls this alone."""
     t, b = cfg.trainer, cfg.batch

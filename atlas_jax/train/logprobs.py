@@ -18,7 +18,7 @@ import jax.numpy as jnp
 # large vocabularies (16k tokens x 152k entries is 10 GB a row, before the softmax and its
 # gradient), while a chunk's are B x CHUNK_T x V. A chunk stays long enough that its
 # [B, CHUNK_T, D] x [D, V] matmul keeps the device busy and the scan takes few steps; SFT and
-# RL share it, so both hold the same logits memory, which plan.py counts.
+# RL share it, so both hold the same logits memory, which plan.py counts in its estimate.
 CHUNK_T = 1024
 
 

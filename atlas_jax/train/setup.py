@@ -3,7 +3,7 @@
 `abstract_run`: the run's arrays as ShapeDtypeStructs on their shardings (the model, the
 LoRA split into trained adapters and a frozen base, the optimizer state, offload applied),
 with nothing allocated, so the update step can be compiled and its memory checked before
-any weight is loaded (plan.report); a run that would resume a checkpoint of another model
+any weight is loaded (memory.report); a run that would resume a checkpoint of another model
 is refused there, before anything is written. `start`: the same arrays for real, on those
 shardings (so the step compiled for the shapes is the step that runs), the checkpointer
 (rotation, best checkpoint), the resume from the latest checkpoint (or `resume_from`),
@@ -110,7 +110,7 @@ class Job:
 
     def bind(self, update: Callable) -> Callable:
         """`step(state, batch, extras=None)` of a make_train_step built on the AbstractRun: its
-        jitted program (the one plan.report compiled) called with this run's frozen base."""
+        jitted program (the one memory.report compiled) called with this run's frozen base."""
         return lambda state, batch, extras=None: update.jitted(state, batch, extras, self.frozen)
 
     def __enter__(self) -> "Job":
