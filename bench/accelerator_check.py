@@ -140,7 +140,7 @@ def child_env(dry: bool, *, keep_cpu: bool = False) -> dict:
 def tests_part(sizes: Sizes, out: Path, timeout_s: float, dry: bool) -> tuple[dict, dict]:
     """(tests section, attention section) from pytest's run and its JUnit XML."""
     xml = out / "tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-o", "junit_family=xunit1", f"--junitxml={xml}",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-o", "junit_family=xunit1", f"--junitxml={xml}",
            *sizes.pytest_args, "tests/test_accelerator.py"]
     record = run_part("tests", cmd, env=child_env(dry, keep_cpu=True), timeout_s=timeout_s, log=out / "tests.log")
     cases = junit_cases(xml) if xml.exists() else []

@@ -89,7 +89,10 @@ def _run(command: str, cwd: pathlib.Path, *extra: str, devices: int = 1, timeout
     args = shlex.split(command)
     if args[0] == "python":
         args = [sys.executable, str(ROOT / args[1]), *args[2:]]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    # the session's own settings go, except its compilation cache (tests/conftest.py): a
+    # program these commands share with other tests is compiled once
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("XLA_", "JAX_")) or k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run([*args, *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
