@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -26,22 +27,30 @@ def _shardings(abstract_state, mesh: Optional[Mesh]):
 
 def init_model(cfg: ModelConfig, *, mesh: Optional[Mesh] = None, seed: int = 0) -> Decoder:
     """Random init from `seed`; with a mesh every parameter is created on its sharding."""
-    def make():
-        return Decoder(cfg, rngs=nnx.Rngs(seed))
-
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(make))
-    state = jax.jit(lambda: nnx.state(make()), out_shardings=_shardings(abstract_state, mesh))()
-    return nnx.merge(graphdef, state)
+    graphdef, init = _initializer(cfg, mesh, None)
+    return nnx.merge(graphdef, init(jax.random.key(seed)))
 
 
 def init_variables(cfg: ModelConfig, variable_type, *, mesh: Optional[Mesh] = None, seed: int = 0):
     """Fresh values of only the variables of `variable_type` (e.g. LoRA adapters), on their
     shardings; XLA drops the rest of the initialisation, so no other weight is materialised."""
-    def chosen():
-        return nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)), variable_type)
+    _, init = _initializer(cfg, mesh, variable_type)
+    return init(jax.random.key(seed))
 
-    abstract = nnx.eval_shape(chosen)
-    return jax.jit(chosen, out_shardings=_shardings(abstract, mesh))()
+
+@functools.lru_cache(maxsize=32)
+def _initializer(cfg: ModelConfig, mesh: Optional[Mesh], variable_type):
+    """(graphdef, jitted key -> state) of one architecture's initialisation on one mesh. The
+    key is an argument, not a constant, so every seed runs the same program: XLA:CPU takes
+    about 2 s to compile the random draws even for a tiny model, once per architecture now
+    (the values equal those of nnx.Rngs(seed))."""
+    def state(key):
+        model = Decoder(cfg, rngs=nnx.Rngs(key))
+        return nnx.state(model) if variable_type is None else nnx.state(model, variable_type)
+
+    abstract = nnx.eval_shape(state, jax.random.key(0))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))) if variable_type is None else None
+    return graphdef, jax.jit(state, out_shardings=_shardings(abstract, mesh))
 
 
 def param_count(cfg: ModelConfig) -> int:
