@@ -47,6 +47,7 @@ def _run(cfg: config_lib.TrainConfig) -> None:
     # jax is imported only now: `--cfg job` and config errors stay instant.
     from atlas_jax import memory, parallel, plan, recipes
 
+    _use_compilation_cache(cfg)
     parallel.initialize_distributed(cfg.distributed)
     mesh = parallel.make_mesh(cfg.mesh)
     run_plan = plan.make_plan(cfg, mesh)  # also checks the batch arithmetic against the mesh
@@ -66,6 +67,15 @@ def _run(cfg: config_lib.TrainConfig) -> None:
             raise
         first = next((l.strip() for l in str(error).splitlines() if "memory" in l.lower()), str(error)[:200])
         raise config_lib.UsageError(f"out of device memory ({first}); {memory.memory_advice(cfg, mesh)}") from None
+
+
+def _use_compilation_cache(cfg: config_lib.TrainConfig) -> None:
+    """cfg.compilation_cache_dir as JAX's persistent cache, unless the environment names one."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not cfg.compilation_cache_dir:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache_dir))
 
 
 def main() -> int:

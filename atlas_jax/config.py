@@ -240,6 +240,10 @@ class TrainConfig:
     checkpoint_step: Optional[Union[int, str]] = None  # a step, "best" (checkpoints/best.json), None = latest
     export_dir: Optional[str] = None
     dry_run: bool = False
+    # JAX's persistent compilation cache: a second run of the same shapes (a resume, the
+    # quickstart again, evaluate after training) loads its programs instead of compiling
+    # them; null turns it off. The JAX_COMPILATION_CACHE_DIR environment variable wins.
+    compilation_cache_dir: Optional[str] = "~/.cache/atlas_jax/xla"
     # +run=quickstart only: overrides added to each of its phases, e.g. a smoke run's
     # 'phase_overrides=["trainer.max_steps=3"]'
     phase_overrides: tuple[str, ...] = ()

@@ -134,3 +134,18 @@ def test_cli_builds_16_device_mesh():
     result = _cli("+run=teacher_sft", "mesh=2x8gpu", "dry_run=true", devices=16)
     assert result.returncode == 0, result.stderr
     assert "data=2 x fsdp=8 x tensor=1" in result.stdout
+
+
+def test_cli_keeps_compiled_programs_in_compilation_cache_dir(tmp_path):
+    """With no JAX_COMPILATION_CACHE_DIR in the environment, compilation_cache_dir is JAX's
+    persistent cache: the dry run's compiled update step lands there; null writes nothing."""
+    # the session's JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 stays: every program is kept
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "XLA_FLAGS"))}
+    args = ["+run=teacher_sft", "model=tiny", "data=synthetic_math_sft", "data.max_length=64", "dry_run=true"]
+    for name, value in (("on", str(tmp_path / "on")), ("off", "null")):
+        result = subprocess.run([sys.executable, "main.py", *args, f"compilation_cache_dir={value}"], cwd=ROOT,
+                                env={**env, "HOME": str(tmp_path / f"home_{name}")}, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert any((tmp_path / "on").iterdir())
+    assert not (tmp_path / "home_off").exists()  # nothing under ~/.cache either

@@ -49,7 +49,10 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    # the session's settings go, except its compilation cache (tests/conftest.py), which also
+    # keeps the runs from writing the user's default one (main.py: compilation_cache_dir)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("XLA_", "JAX_")) or k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHON=sys.executable,
                PORT=str(_free_port()))
