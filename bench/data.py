@@ -10,14 +10,18 @@ The input never stalls training while (2) stays well above the consumer's rate p
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import yaml
 from transformers import AutoTokenizer
 
-from atlas_jax.config import DataConfig
-from atlas_jax.data import sft
-from atlas_jax.data.build_tokenizer import ASSET_DIR
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout too
+
+from atlas_jax.config import DataConfig  # noqa: E402
+from atlas_jax.data import sft  # noqa: E402
+from atlas_jax.data.build_tokenizer import ASSET_DIR  # noqa: E402
 
 # Dense bf16 peak FLOP/s per device, and the model-FLOPs utilisation a good SFT step reaches.
 PEAK_FLOPS = {"H100/H200 (bf16)": 989e12, "A100 (bf16)": 312e12, "TPU v5p (bf16)": 459e12}
@@ -73,8 +77,11 @@ def main() -> None:
     for name, prep, it_rate, fill in rows:
         print(f"{name:<26}{prep:>16,.0f}{it_rate:>16,.0f}{fill:>15.1%}")
 
-    m = yaml.safe_load(open("configs/model/llama3_2_1b.yaml"))
-    params = llama_params("configs/model/llama3_2_1b.yaml")
+    preset = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model",
+                          "llama3_2_1b.yaml")
+    with open(preset) as f:
+        m = yaml.safe_load(f)
+    params = llama_params(preset)
     print(f"\nConsumption: SFT step of llama3_2_1b ({params / 1e9:.2f} B params), seq 2048, MFU {MFU:.0%}")
     print(f"{'device':<22}{'tok/s per device':>18}{'x8 devices':>14}{'pipeline margin (8)':>21}")
     best = max(r[2] for r in rows if r[0].startswith("packed"))

@@ -22,12 +22,15 @@ simulated devices share the process, so it is divided by their number).
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import numpy as np
 
-from atlas_jax import memory, plan
-from atlas_jax.config import LoraConfig, compose
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout too
+
+from atlas_jax import memory, plan  # noqa: E402
+from atlas_jax.config import LoraConfig, compose  # noqa: E402
 
 LORA = LoraConfig(rank=16, alpha=32.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                        "up_proj", "down_proj"))

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax.config import LoraConfig, compose
-from atlas_jax.models import from_pretrained, load_model, quant
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a plain checkout too
+
+from atlas_jax.config import LoraConfig, compose  # noqa: E402
+from atlas_jax.models import from_pretrained, load_model, quant  # noqa: E402
 
 
 def _model(cfg, checkpoint, four_bit: bool):
