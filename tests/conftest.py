@@ -12,8 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # One compilation cache per test session (never reused across sessions, so never stale):
 # tests, the xdist workers and the CLI subprocesses they start share compiled programs of
-# equal shape. Every program is kept: a tiny model's compile in 0.1-0.3 s each, and a recipe
-# run compiles about fifty of them.
+# equal shape. Every program is kept: a tiny model's programs compile in 0.1-0.3 s each, and
+# a recipe run compiles about fifty of them.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil

@@ -48,9 +48,9 @@ def _initializer(cfg: ModelConfig, mesh: Optional[Mesh], variable_type):
         model = Decoder(cfg, rngs=nnx.Rngs(key))
         return nnx.state(model) if variable_type is None else nnx.state(model, variable_type)
 
-    abstract = nnx.eval_shape(state, jax.random.key(0))
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))) if variable_type is None else None
-    return graphdef, jax.jit(state, out_shardings=_shardings(abstract, mesh))
+    shapes = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.state(shapes) if variable_type is None else nnx.state(shapes, variable_type)
+    return nnx.graphdef(shapes), jax.jit(state, out_shardings=_shardings(abstract, mesh))
 
 
 def param_count(cfg: ModelConfig) -> int:

@@ -30,3 +30,21 @@ def test_param_count_counts_every_parameter():
     cfg = tiny_config(tie_word_embeddings=False, attention_bias=True)
     model = load_model(cfg, seed=3)
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == param_count(cfg)
+
+
+def test_every_seed_runs_one_compiled_initialisation():
+    """The seed is the program's argument, not a constant: a second seed compiles nothing,
+    and each seed's weights are those of nnx.Rngs(seed) in one jitted call."""
+    from atlas_jax.models import build
+    from atlas_jax.models.decoder import Decoder
+
+    cfg = tiny_config(num_hidden_layers=1)
+    _, program = build._initializer(cfg, None, None)
+    models = {seed: init_model(cfg, seed=seed) for seed in (3, 4)}
+    assert program._cache_size() == 1
+    for seed, model in models.items():
+        direct = jax.jit(lambda s=seed: nnx.state(Decoder(cfg, rngs=nnx.Rngs(s))))()
+        for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(direct), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    a, b = (jax.tree.leaves(nnx.state(models[s], nnx.Param))[0] for s in (3, 4))
+    assert not np.array_equal(np.asarray(a), np.asarray(b))  # the seed still matters
