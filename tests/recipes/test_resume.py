@@ -1,9 +1,10 @@
 """Exact resume of RCL and plain GRPO at any aggregation x iterations step.
 
 One rollout serves generation_aggregation_steps x num_iterations updates; a checkpoint that
-falls inside it carries the updates left (rl/updates.py). Each case compares a run stopped
-mid-rollout and resumed against the same run made straight: every logged step's loss, grad
-norm, KL, rewards, and the whole saved state (params, optimizer, reference, RNG) at the end.
+falls inside it carries the updates left (rl/updates.py). Each case resumes, in a new
+output_dir, the straight run's own checkpoint from inside a rollout and compares the steps
+it makes with the straight run's: every logged step's loss, grad norm, KL, rewards, and the
+whole saved state (params, optimizer, reference, RNG) at the end.
 A real SIGTERM mid-rollout and a SIGKILL after a save (`python main.py` in a subprocess, on
 the 8 simulated devices the test session has: XLA:CPU's numerics depend on how many devices
 the process sees, so the reference run is made on the same 8) must resume to the same
@@ -16,6 +17,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,10 +84,11 @@ def _saved_state(out: pathlib.Path, step: int):
         return reader.restore(str(out / "checkpoints" / str(step) / "state"))
 
 
-def _assert_same_run(out: pathlib.Path, straight: pathlib.Path, steps: int) -> None:
+def _assert_same_run(out: pathlib.Path, straight: pathlib.Path, steps: int, first: int = 1) -> None:
+    """Steps first..steps logged by `out` equal the straight run's, and so does the final state."""
     got, want = _rows(out), _rows(straight)
-    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
-    for step in want:
+    assert sorted(got) == list(range(first, steps + 1)) and sorted(want) == list(range(1, steps + 1))
+    for step in got:
         for name in COMPARED:
             if name in want[step]:
                 assert got[step][name] == want[step][name], (step, name, got[step][name], want[step][name])
@@ -113,9 +116,11 @@ def straight(tmp_path_factory):
 
 @pytest.mark.parametrize("run,agg,iters", CASES, ids=[f"{r}-agg{a}-iter{i}" for r, a, i in CASES])
 def test_stop_mid_rollout_then_resume_equals_straight(run, agg, iters, straight, tmp_path):
+    """The straight run saved every step; its step-k checkpoint, alone in a new output_dir,
+    is where a run stopped at k would resume from (the signal test below stops real runs)."""
     k, n = _plan(agg, iters)
-    first = teacher_rcl.run(compose(_overrides(run, agg, iters, tmp_path, k)), _mesh())
-    assert first["steps"] == k
+    reference = straight(run, agg, iters)
+    shutil.copytree(reference / "checkpoints" / str(k), tmp_path / "checkpoints" / str(k))
     # the step's checkpoint carries the updates left of its rollout (its JSON item, Orbax's layout)
     extra = tmp_path / "checkpoints" / str(k) / "extra" / "metadata"
     pending = (json.loads(extra.read_text()) or {}).get("pending_updates") if extra.exists() else None
@@ -125,7 +130,7 @@ def test_stop_mid_rollout_then_resume_equals_straight(run, agg, iters, straight,
         assert pending is None, pending
     resumed = teacher_rcl.run(compose(_overrides(run, agg, iters, tmp_path, n)), _mesh())
     assert resumed["steps"] == n and resumed["stopped_by"] == "max_steps"
-    _assert_same_run(tmp_path, straight(run, agg, iters), n)
+    _assert_same_run(tmp_path, reference, n, first=k + 1)
 
 
 def _child(run: str, agg: int, iters: int, out: pathlib.Path, steps: int, batch: int) -> subprocess.Popen:
