@@ -2,11 +2,16 @@
 
 import os
 
+from tests.cli import COMPILE_FLAGS
+
 # Must happen before jax is imported anywhere in the session.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_cpu_use_fusion_emitters" not in _flags:
+    _flags += f" {COMPILE_FLAGS}"  # the suite compiles faster (tests/cli.py)
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from atlas_jax import config as config_lib
 from atlas_jax.config import ConfigError, accumulation_steps
 from atlas_jax.parallel import data_parallel_size, make_mesh, mesh_shape
+from tests import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -84,10 +84,7 @@ def test_missing_run_is_explained():
 
 
 def _cli(*args: str, devices: int | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=cli.env(devices or 1),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -140,7 +137,7 @@ def test_cli_keeps_compiled_programs_in_compilation_cache_dir(tmp_path):
     """With no JAX_COMPILATION_CACHE_DIR in the environment, compilation_cache_dir is JAX's
     persistent cache: the dry run's compiled update step lands there; null writes nothing."""
     # the session's JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 stays: every program is kept
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "XLA_FLAGS"))}
+    env = cli.env(1, compilation_cache=False)
     args = ["+run=teacher_sft", "model=tiny", "data=synthetic_math_sft", "data.max_length=64", "dry_run=true"]
     for name, value in (("on", str(tmp_path / "on")), ("off", "null")):
         result = subprocess.run([sys.executable, "main.py", *args, f"compilation_cache_dir={value}"], cwd=ROOT,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import re
 import shlex
@@ -23,6 +22,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from tests import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"
@@ -199,11 +200,7 @@ def _write_configs(directory: pathlib.Path, files: dict[str, str]) -> str:
 
 def _main(args: list[str], cwd: pathlib.Path, *, devices: int = 1, env: dict | None = None):
     """main.py (by absolute path) with `args`, from `cwd`, offline, on `devices` CPU devices."""
-    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    base.update({"JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})})
-    if devices > 1:
-        base["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, env=base,
+    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, env={**cli.env(devices), **(env or {})},
                           capture_output=True, text=True, timeout=400)
 
 

@@ -28,6 +28,7 @@ from safetensors.numpy import load_file
 from atlas_jax import parallel
 from atlas_jax.config import compose
 from atlas_jax.recipes.evaluate import restore_teacher
+from tests import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # README's launcher command, then the small overrides a test can afford
@@ -49,14 +50,9 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    # the session's settings go, except its compilation cache (tests/conftest.py), which also
-    # keeps the runs from writing the user's default one (main.py: compilation_cache_dir)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("XLA_", "JAX_")) or k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHON=sys.executable,
-               PORT=str(_free_port()))
-    return env
+    # the session's compilation cache comes along; it also keeps the runs from writing the
+    # user's default one (main.py: compilation_cache_dir)
+    return {**cli.env(devices), "PYTHON": sys.executable, "PORT": str(_free_port())}
 
 
 def _start(cmd: list[str], devices: int, log: pathlib.Path) -> subprocess.Popen:

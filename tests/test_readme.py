@@ -10,7 +10,6 @@ this machine lacks, or not at all, with the reason.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import shlex
@@ -20,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests import test_multihost
+from tests import cli, test_multihost
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -89,13 +88,10 @@ def _run(command: str, cwd: pathlib.Path, *extra: str, devices: int = 1, timeout
     args = shlex.split(command)
     if args[0] == "python":
         args = [sys.executable, str(ROOT / args[1]), *args[2:]]
-    # the session's own settings go, except its compilation cache (tests/conftest.py): a
-    # program these commands share with other tests is compiled once
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("XLA_", "JAX_")) or k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([*args, *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # the session's compilation cache comes along: a program these commands share with other
+    # tests is compiled once
+    result = subprocess.run([*args, *extra], cwd=cwd, env=cli.env(devices), capture_output=True, text=True,
+                            timeout=timeout)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{command} {' '.join(extra)} exited {result.returncode}:\n{output[-3000:]}"
     assert "Traceback" not in output, output[-3000:]
@@ -193,7 +189,7 @@ def test_unusable_checkpoint_is_one_line_and_no_traceback(quickstart, case, tmp_
         checkpoint = run / "checkpoints"
     args = [sys.executable, str(ROOT / "main.py"), "+run=evaluate", f"checkpoint={checkpoint}", *extra]
     result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env=cli.env(8))
     assert result.returncode != 0
     assert "Traceback" not in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
