@@ -51,10 +51,15 @@ class LoraConfig:
 class ModelConfig:
     """Architecture (as in the HF config.json of the family) and numerics."""
 
-    name: str = "tiny"
+    # name, model_name_or_path and tokenizer say where the weights and tokens come from, not
+    # what the model computes: equality leaves them out, so checkpoints of one architecture
+    # share compiled programs (a model's config is part of each program's cache key)
+    name: str = dataclasses.field(default="tiny", compare=False)
     family: str = "qwen3"  # llama | qwen2 | qwen3 — selects the checkpoint key table
-    model_name_or_path: Optional[str] = None  # HF dir or hub id; None = random init
-    tokenizer: Optional[str] = None  # None = the model's own, or the built-in one
+    # HF dir or hub id; None = random init
+    model_name_or_path: Optional[str] = dataclasses.field(default=None, compare=False)
+    # None = the model's own, or the built-in one
+    tokenizer: Optional[str] = dataclasses.field(default=None, compare=False)
     vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 384

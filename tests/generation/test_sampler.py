@@ -96,6 +96,23 @@ def test_same_bucket_does_not_recompile(tiny):
     assert TRACES["count"] == before
 
 
+def test_a_checkpoint_of_the_same_architecture_reuses_the_program(tiny, tmp_path):
+    """Where the weights came from is not part of the program: the saved and reloaded model
+    (its config naming the directory) samples with the program the random one compiled."""
+    from atlas_jax.models import save_pretrained
+
+    ids, mask = _prompts()
+    ids = ids % 64
+    first = generate(tiny, ids, mask, max_new_tokens=10)
+    save_pretrained(tiny, str(tmp_path / "hf"))
+    loaded = from_pretrained(str(tmp_path / "hf"), config=TINY)
+    assert loaded.config.model_name_or_path == str(tmp_path / "hf") and tiny.config.model_name_or_path is None
+    before = TRACES["count"]
+    again = generate(loaded, ids, mask, max_new_tokens=10)
+    assert TRACES["count"] == before
+    np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(first.tokens))
+
+
 def test_num_samples_rows_are_prompt_major_and_independent(tiny):
     ids, mask = _prompts()
     ids = ids % 64
