@@ -3,7 +3,8 @@
 The decoder's own KV-cache path does the work (no second copy of the layers). Prompts are
 left-padded to a power-of-two length, the token budget and the batch are rounded up the
 same way, so calls with similar shapes reuse one compiled program; sampling settings are
-traced values and never recompile. With num_samples=G the prompts are prefilled once and
+traced values and never recompile; so is `logit_bias`, one float per vocabulary entry
+added to every step's logits before sampling. With num_samples=G the prompts are prefilled once and
 the cache is repeated G times (rows prompt-major). Long budgets decode in segments (a
 quarter, a quarter, a half of the budget) over a cache grown between them, so attention
 reads the slots a segment can fill rather than the whole budget from the first step:
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +68,7 @@ def _cache_spec(mesh: Mesh, kv_heads: int) -> P:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "budget", "num_samples", "sort", "mesh", "ends"))
 def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_id, seed,
-             temperature, top_k, top_p, min_p, *, budget, num_samples, sort, mesh, ends):
+             temperature, top_k, top_p, min_p, bias_V, *, budget, num_samples, sort, mesh, ends):
     TRACES["count"] += 1
     model: Decoder = nnx.merge(graphdef, params)
     cfg = model.config
@@ -109,7 +110,8 @@ def _program(graphdef, params, ids_BT, mask_BT, row_ids_R, max_new, eos_E, pad_i
     def body(state):
         step, logits_RV, cache, pos_R, done_R, tokens_RS, logps_RS, lengths_R = state
         keys_R = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys_R)
-        tok_R, logp_R = sample_tokens(keys_R, logits_RV, temperature, top_k, top_p, min_p, sort=sort)
+        tok_R, logp_R = sample_tokens(keys_R, logits_RV.astype(jnp.float32) + bias_V, temperature, top_k, top_p,
+                                      min_p, sort=sort)
         tok_R = jnp.where(done_R, pad_id, tok_R)
         logp_R = jnp.where(done_R, 0.0, logp_R)
         tokens_RS = jax.lax.dynamic_update_index_in_dim(tokens_RS, tok_R, step, 1)
@@ -157,15 +159,28 @@ def abstract_call(model, mesh: Mesh, *, prompts: int, prompt_length: int, max_ne
     row_ids = sds((rows * num_samples,), i32, sharding=parallel.batch_sharding(mesh, 1))
     max_new, temperature, top_k, top_p, min_p = (sds((), dtype) for dtype in (i32, f32, i32, f32, f32))
     args = (graphdef, params, ids, ids, row_ids, max_new, sds((stop_tokens,), i32), sds((), i32),
-            sds((), np.uint32), temperature, top_k, top_p, min_p)
+            sds((), np.uint32), temperature, top_k, top_p, min_p, sds((model.config.vocab_size,), f32))
     return _program, args, dict(budget=budget, num_samples=num_samples, sort=sort, mesh=mesh,
                                 ends=segment_ends(budget))
+
+
+def _dense_bias(logit_bias: Optional[Mapping[int, float]], vocab_size: int) -> np.ndarray:
+    """{token id: bias} as one float32 per vocabulary entry (0 elsewhere)."""
+    bias = np.zeros((vocab_size,), np.float32)
+    for token, value in (logit_bias or {}).items():
+        if not 0 <= int(token) < vocab_size:
+            raise ValueError(f"logit_bias: token id {token} is outside the vocabulary (0..{vocab_size - 1})")
+        if np.isnan(value) or value == np.inf:
+            raise ValueError(f"logit_bias: token id {token} has bias {value}; use a number (-inf bans the token)")
+        bias[int(token)] = value
+    return bias
 
 
 def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: int = 0, seed: int = 0,
-             num_samples: int = 1, mesh: Optional[Mesh] = None, grow_cache: bool = True) -> GenerateOutput:
+             num_samples: int = 1, mesh: Optional[Mesh] = None, grow_cache: bool = True,
+             logit_bias: Optional[Mapping[int, float]] = None) -> GenerateOutput:
     """Continues left-padded prompts [B, T]; see GenerateOutput. temperature=0 is greedy.
 
     Rows are prompt-major: prompt i's samples are rows i*G .. i*G+G-1. `.logprobs` are under
@@ -176,6 +191,9 @@ def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, 
     each step reads the weights and its cache in place.
     `grow_cache` decodes budgets from SEGMENTED_BUDGET on in segments over a growing cache
     (module docstring): less attention reading per step, a loop body to compile per segment.
+    `logit_bias` {token id: bias} is added to every step's logits before sampling, greedy
+    included (OpenAI's `logit_bias`; transformers' `sequence_bias` for one-token sequences):
+    e.g. {eos: 2.0} ends completions sooner. The logprobs are then the biased distribution's.
     """
     ids = np.asarray(input_ids, np.int32)
     mask = np.asarray(attention_mask, np.int32)
@@ -185,6 +203,7 @@ def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, 
         raise ValueError(f"max_new_tokens={max_new_tokens} and num_samples={num_samples} must be >= 1")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or not 0 <= min_p <= 1:
         raise ValueError(f"bad sampling settings: temperature={temperature} top_p={top_p} top_k={top_k} min_p={min_p}")
+    bias = _dense_bias(logit_bias, model.config.vocab_size)
     graphdef, params = nnx.split(model)
     mesh = mesh or _mesh_of(params)
     B, T = ids.shape
@@ -199,7 +218,7 @@ def generate(model: Decoder, input_ids, attention_mask, *, max_new_tokens: int, 
         ids_p, mask_p, row_ids = (parallel.shard_rows(a, mesh) for a in (ids_p, mask_p, row_ids))
     out = _program(graphdef, params, ids_p, mask_p, row_ids, jnp.int32(max_new_tokens), eos,
                    jnp.int32(pad_token_id), jnp.uint32(seed), jnp.float32(temperature), jnp.int32(top_k),
-                   jnp.float32(top_p), jnp.float32(min_p), budget=budget, num_samples=num_samples,
+                   jnp.float32(top_p), jnp.float32(min_p), bias, budget=budget, num_samples=num_samples,
                    sort=bool(top_k > 0 or top_p < 1.0), mesh=mesh,
                    ends=segment_ends(budget) if grow_cache else (budget,))
     R = B * num_samples

@@ -71,6 +71,25 @@ def test_greedy_matches_transformers(family, tmp_path):
         assert (tokens[row, n:] == 0).all() and (logprobs[row, n:] == 0).all() and (logprobs[row, :n] < 0).all()
 
 
+
+def test_logit_bias_matches_transformers_sequence_bias(tmp_path):
+    """{token: bias} is transformers' sequence_bias of one-token sequences, at every step."""
+    hf = _hf_model("qwen3", tmp_path)
+    model = from_pretrained(str(tmp_path))
+    ids, mask = _prompts()
+    free = np.asarray(generate(model, ids, mask, max_new_tokens=8).tokens)
+    # raise a token greedy never picks just enough to win some steps, and lower one it picks
+    bias = {int(np.setdiff1d(np.arange(128), free)[0]): 1.5, int(free[0, 0]): -2.0}
+    ours = generate(model, ids, mask, max_new_tokens=8, logit_bias=bias)
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                          attention_mask=torch.as_tensor(mask, dtype=torch.long), max_new_tokens=8,
+                          do_sample=False, pad_token_id=0, eos_token_id=None,
+                          sequence_bias={(t,): b for t, b in bias.items()})
+    theirs = out.numpy()[:, ids.shape[1]:]
+    np.testing.assert_array_equal(np.asarray(ours.tokens), theirs)
+    assert (np.asarray(ours.tokens) != free).any()  # the bias changed what greedy picks
+
 @pytest.fixture(scope="module")
 def tiny():
     return init_model(TINY, seed=0)
@@ -111,6 +130,29 @@ def test_a_checkpoint_of_the_same_architecture_reuses_the_program(tiny, tmp_path
     again = generate(loaded, ids, mask, max_new_tokens=10)
     assert TRACES["count"] == before
     np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(first.tokens))
+
+
+def test_logit_bias_is_traced_checked_and_shortens_completions(tiny):
+    ids, mask = _prompts()
+    ids = ids % 64
+    eos = 7
+    plain = generate(tiny, ids, mask, max_new_tokens=12, temperature=1.0, seed=2, eos_token_id=eos, num_samples=8)
+    before = TRACES["count"]
+    zero = generate(tiny, ids, mask, max_new_tokens=12, temperature=1.0, seed=2, eos_token_id=eos, num_samples=8,
+                    logit_bias={eos: 0.0})
+    sooner = generate(tiny, ids, mask, max_new_tokens=12, temperature=1.0, seed=2, eos_token_id=eos, num_samples=8,
+                      logit_bias={eos: 3.0})
+    assert TRACES["count"] == before  # the bias is an argument of the program, not a constant
+    for name in ("tokens", "logprobs", "lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(zero, name)), np.asarray(getattr(plain, name)))
+    assert np.asarray(sooner.lengths).mean() < np.asarray(plain.lengths).mean() - 2
+    banned = generate(tiny, ids, mask, max_new_tokens=12, temperature=1.0, seed=2, num_samples=8,
+                      logit_bias={eos: -np.inf})
+    assert not (np.asarray(banned.tokens) == eos).any()
+    for bad, match in (({64: 1.0}, "token id 64 is outside the vocabulary"), ({-1: 1.0}, "token id -1"),
+                       ({3: float("nan")}, "token id 3 has bias nan")):
+        with pytest.raises(ValueError, match=match):
+            generate(tiny, ids, mask, max_new_tokens=4, logit_bias=bad)
 
 
 def test_num_samples_rows_are_prompt_major_and_independent(tiny):
