@@ -2,14 +2,19 @@
 
     python bench/grpo_step.py [--models tiny qwen3_33m --prompts 4 --G 8 --prompt-len 64 --new 64 --steps 3]
     python bench/grpo_step.py --threads 1    # one thread each: steadier on a shared, busy CPU host
+    python bench/grpo_step.py --threads 1 --lengths varied   # completions end at an EOS, lengths spread
 
 Ours: `generation.generate` (G samples per prompt, one prefill), `rl.rollout.training_batch`,
 reference log-probs (beta 0.04), `rl.policy.make_grpo_loss` on `train.step.make_train_step`,
 on one CPU device. TRL: `GRPOTrainer` (PyTorch, CPU) on the same architecture built from
 transformers' Qwen3Config with random weights, same G, prompts, lengths, temperature, beta
-and learning rate. Every completion runs the full budget (no EOS: ours eos_token_id=None,
-TRL min_new_tokens), so both process the same tokens. The reward is the share of even
-token ids (any cheap host reward; it only has to vary within a group).
+and learning rate. With --lengths fixed (the default) every completion runs the full budget
+(no EOS: ours eos_token_id=None, TRL min_new_tokens), so both process the same tokens. With
+--lengths varied both stop at the tokenizer's EOS, whose logit gets the same --eos-bias in
+both samplers (ours `logit_bias`, transformers' `sequence_bias` through TRL's
+generation_kwargs), so lengths spread the same way; each side's length histogram is
+printed. The reward is the share of even token ids (any cheap host reward; it only has to
+vary within a group).
 
 rollout = sampling + reward + reference log-probs; update = the optimizer step. Steady-state
 times are the median over --steps steps after a first one; for ours the first step's excess
@@ -68,15 +73,20 @@ def ours(preset: str, args) -> dict:
     ref_logprobs = policy.make_logprob_fn(graphdef, mesh, shardings.params, t.temperature)
     ids_PT = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (P, args.prompt_len)).astype(np.int32)
     mask_PT = np.ones_like(ids_PT)
+    eos = eos_id(cfg.model) if args.lengths == "varied" else None
+    bias = {eos: eos_bias(args, cfg.model)} if eos is not None else None
+    lengths_seen = []
 
     def rollout(state, seed):
         out = generate(nnx.merge(graphdef, state.params), jnp.asarray(ids_PT), jnp.asarray(mask_PT),
-                       max_new_tokens=args.new, temperature=t.temperature, eos_token_id=None, seed=seed,
-                       num_samples=G, mesh=mesh)
+                       max_new_tokens=args.new, temperature=t.temperature, eos_token_id=eos, seed=seed,
+                       num_samples=G, mesh=mesh, logit_bias=bias)
         tokens, logprobs, lengths = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
+        lengths_seen.extend(lengths.tolist())
+        ended = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)] == (-1 if eos is None else eos)
         c = Completions(np.repeat(ids_PT, G, 0), np.repeat(mask_PT, G, 0), tokens, logprobs, lengths,
-                        [""] * len(tokens), np.ones(len(tokens), bool))
-        batch_np, _ = training_batch(c, mask_truncated=False)  # every row runs the full budget
+                        [""] * len(tokens), ~ended)
+        batch_np, _ = training_batch(c, mask_truncated=False)  # as TRL: truncated rows keep their loss
         advantages, _ = group_advantages(reward_even_share(tokens), G, t.scale_rewards)
         batch = to_global(batch_np, mesh)
         advantages = jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, 1), np.asarray(advantages))
@@ -94,8 +104,24 @@ def ours(preset: str, args) -> dict:
         state, metrics = update(state, batch, extras)
         jax.block_until_ready(metrics)
         updates.append(time.perf_counter() - start)
-    return summary(rollouts, updates, P * G, compile_s=rollouts[0] + updates[0] - np.median(rollouts[1:])
-                   - np.median(updates[1:]))
+    row = summary(rollouts, updates, P * G, compile_s=rollouts[0] + updates[0] - np.median(rollouts[1:])
+                  - np.median(updates[1:]))
+    row["lengths"] = lengths_seen
+    return row
+
+
+def eos_bias(args, model_cfg) -> float:
+    """--eos-bias, else the bias that puts a random model's mean length near a third of the
+    budget: its next-token distribution is near uniform, so P(EOS) ~ exp(bias / T) / vocab."""
+    if args.eos_bias is not None:
+        return args.eos_bias
+    return float(TEMPERATURE * np.log(model_cfg.vocab_size * 3 / args.new))
+
+
+def eos_id(model_cfg) -> int:
+    from atlas_jax.models import load_tokenizer
+
+    return int(load_tokenizer(model_cfg).eos_token_id)
 
 
 def trl_step(preset: str, args) -> dict:
@@ -123,7 +149,10 @@ def trl_step(preset: str, args) -> dict:
     prompts = [text_of_length(tokenizer, rng, args.prompt_len) for _ in range(args.prompts * (args.steps + 1))]
     prompt_lens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
 
+    lengths_seen = []
+
     def reward(completion_ids, **_):
+        lengths_seen.extend(len(c) for c in completion_ids)
         return [float(np.mean(np.asarray(c) % 2 == 0)) for c in completion_ids]
 
     class StepTimes(TrainerCallback):
@@ -145,7 +174,9 @@ def trl_step(preset: str, args) -> dict:
             num_generations=args.G, max_completion_length=args.new, temperature=TEMPERATURE, beta=BETA,
             learning_rate=LR, lr_scheduler_type="constant", max_steps=args.steps + 1, logging_steps=1,
             save_strategy="no", report_to=[], use_cpu=True, seed=0, shuffle_dataset=False,
-            generation_kwargs={"min_new_tokens": args.new}, dataloader_num_workers=0, disable_tqdm=True)
+            generation_kwargs=({"min_new_tokens": args.new} if args.lengths == "fixed" else
+                               {"sequence_bias": {(eos_id(m),): eos_bias(args, m)}}),
+            dataloader_num_workers=0, disable_tqdm=True)
         times = StepTimes()
         trainer = GRPOTrainer(model=f"{out}/model", reward_funcs=reward, args=config, processing_class=tokenizer,
                               train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[times])
@@ -163,6 +194,7 @@ def trl_step(preset: str, args) -> dict:
     updates = [s - r for s, r in zip(times.steps, rollouts)]
     row = summary(rollouts, updates, args.prompts * args.G, compile_s=None)
     row["prompt_tokens"] = float(np.mean(prompt_lens))
+    row["lengths"] = lengths_seen
     return row
 
 
@@ -196,6 +228,11 @@ def main():
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--impls", nargs="+", default=["atlas_jax", "trl"])
+    parser.add_argument("--lengths", choices=("fixed", "varied"), default="fixed",
+                        help="fixed: every completion runs the budget; varied: they end at a biased EOS")
+    parser.add_argument("--eos-bias", type=float, default=None,
+                        help="--lengths varied: the EOS logit's bias (default: a random model's mean length "
+                             "near a third of the budget)")
     parser.add_argument("--threads", type=int, default=0,
                         help="1: one CPU thread for both (XLA without Eigen threads, torch 1 thread); "
                              "on a shared, busy host PyTorch's OpenMP threads stall each other badly")
@@ -209,7 +246,8 @@ def main():
         print("trl is not installed (pip install trl): printing atlas_jax rows only", flush=True)
 
     print(f"GRPO step: {args.prompts} prompts x G={args.G} = {args.prompts * args.G} completions, "
-          f"prompt {args.prompt_len} tokens, {args.new} new tokens (no EOS), beta {BETA}, 1 CPU device; "
+          f"prompt {args.prompt_len} tokens, {args.new} new tokens "
+          f"({'no EOS' if args.lengths == 'fixed' else 'EOS with a logit bias'}), beta {BETA}, 1 CPU device; "
           f"median of {args.steps} steps after the first; threads: {args.threads or 'library default'}", flush=True)
     rows = []
     for preset in args.models:
@@ -226,12 +264,24 @@ def main():
         compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
         print(f"{preset:<10} {impl:<16} {r['rollout_s']:>10.3f} {r['update_s']:>9.3f} "
               f"{r['completions_per_s']:>8.1f} {r['first_step_s']:>11.1f} {compile_s:>10}")
+    if args.lengths == "varied":
+        print(f"completion lengths (tokens, bins of {args.new // 8}; counts over every step):")
+        for preset, impl, r in rows:
+            print(f"  {preset:<10} {impl:<16} {histogram(r['lengths'], args.new)}")
     for preset in args.models:
         mine = next((r for p, i, r in rows if p == preset and i == "atlas_jax"), None)
         theirs = next((r for p, i, r in rows if p == preset and i != "atlas_jax"), None)
         if mine and theirs:
-            print(f"{preset}: atlas_jax {mine['completions_per_s'] / theirs['completions_per_s']:.2f}x TRL "
-                  f"completions/s (TRL prompts averaged {theirs['prompt_tokens']:.0f} tokens)")
+            label = f"{preset} varied lengths" if args.lengths == "varied" else preset
+            print(f"{label}: atlas_jax {mine['completions_per_s'] / theirs['completions_per_s']:.2f}x TRL "
+                  f"completions/s (TRL prompts averaged {theirs['prompt_tokens']:.0f} tokens); "
+                  f"Tunix: not set up (bench/peers has no Tunix environment yet)")
+
+
+def histogram(lengths, budget: int) -> str:
+    """'mean M | c1 c2 ... c8' over 8 equal bins of 1..budget."""
+    counts, _ = np.histogram(lengths, bins=8, range=(0.5, budget + 0.5))
+    return f"mean {np.mean(lengths):5.1f} | " + " ".join(f"{c:4d}" for c in counts)
 
 
 if __name__ == "__main__":
