@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 from atlas_jax import parallel
 from atlas_jax.config import ModelConfig, RopeScalingConfig, UsageError
-from atlas_jax.models import lora, safetensors_io
+from atlas_jax.models import lora, quant, safetensors_io
 from atlas_jax.models.build import init_variables
 from atlas_jax.models.decoder import Decoder
 from atlas_jax.models.projections import INPUT_AXES
@@ -231,7 +231,11 @@ def from_pretrained(path: str, *, dtype: str = "float32", mesh: Optional[Mesh] =
 
 
 def save_pretrained(model: Decoder, path: str, *, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes config.json + safetensors (sharded above max_shard_bytes) that transformers loads."""
+    """Writes config.json + safetensors (sharded above max_shard_bytes) that transformers loads:
+    the weights the model computes with, so LoRA adapters are merged into their projections
+    and 4-bit ones dequantised (lora.merge_adapters) rather than dropped or written packed."""
+    if lora.has_adapters(model) or quant.is_quantized(model):
+        model = lora.merge_adapters(model)
     cfg = model.config
     tensors: dict[str, tuple] = {}  # hf name -> (variable, layer or None, n_in)
     for ours, hf_name, n_in in key_table(cfg):

@@ -124,3 +124,19 @@ def test_lora_on_a_pretrained_checkpoint_starts_from_its_weights(tmp_path):
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(adapters))
     np.testing.assert_allclose(np.asarray(_logits(adapted, batch)), np.asarray(_logits(plain, batch)),
                                atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora", "4bit"])
+def test_save_pretrained_writes_the_weights_the_model_computes_with(kind, tmp_path):
+    """Adapters merged, 4-bit dequantised: before, an adapted model saved its base alone and a
+    4-bit one its codes, and both reloaded as another model, silently."""
+    cfg = {"lora": LORA, "qlora": dataclasses.replace(LORA, load_in_4bit=True),
+           "4bit": dataclasses.replace(TINY, load_in_4bit=True)}[kind]
+    model = load_model(cfg, seed=1)
+    for _, var in nnx.to_flat_state(nnx.state(model, lora.LoraParam)):
+        var.set_value(var[...] + 0.05)  # adapters that change the output (fresh ones are B = 0)
+    ids = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 9))
+    save_pretrained(model, str(tmp_path))
+    reloaded = from_pretrained(str(tmp_path))
+    assert not lora.has_adapters(reloaded) and not quant.is_quantized(reloaded)
+    np.testing.assert_allclose(np.asarray(reloaded(ids)), np.asarray(model(ids)), atol=1e-5, rtol=0)
