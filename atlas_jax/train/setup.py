@@ -172,7 +172,7 @@ def export_final(job: Job, result: LoopResult, tokenizer) -> Optional[str]:
               flush=True)
     hf_dir = str(job.out / "hf")
     model = nnx.merge(job.graphdef, job.full(params))
-    save_pretrained(lora.merge_adapters(model) if job.frozen is not None else model, hf_dir, tokenizer=tokenizer)
+    save_pretrained(model, hf_dir, tokenizer=tokenizer)  # adapters merged there
     return hf_dir
 
 
