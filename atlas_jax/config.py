@@ -175,6 +175,9 @@ class TrainerConfig:
     scale_rewards: str = "group"
     num_iterations: int = 1
     mask_truncated_completions: bool = False
+    # Pack the rollout's prompt + completion rows for the update (atlas_jax/rl/packing.py): the
+    # update and the old/reference log-prob passes follow the tokens sampled, not the budget.
+    padding_free: bool = False  # opt-in until the recipes' runs are re-measured with it
     student_model: Optional[str] = None  # model preset name or HF path; None = reference teacher
     max_prompt_length: int = 512
     max_completion_length: int = 256

@@ -49,10 +49,9 @@ def ours(preset: str, args) -> dict:
 
     from atlas_jax import parallel
     from atlas_jax.config import compose
-    from atlas_jax.data.batch import to_global
     from atlas_jax.generation import generate
     from atlas_jax.models import load_model
-    from atlas_jax.rl import policy
+    from atlas_jax.rl import packing, policy
     from atlas_jax.rl.grpo import group_advantages
     from atlas_jax.rl.rollout import Completions, training_batch
     from atlas_jax.train.optim import make_optimizer
@@ -62,7 +61,8 @@ def ours(preset: str, args) -> dict:
     cfg = compose(["+run=grpo", f"model={preset}", "mesh=cpu", f"trainer.num_generations={G}",
                    f"trainer.max_completion_length={args.new}", f"trainer.max_prompt_length={args.prompt_len}",
                    f"trainer.beta={BETA}", f"trainer.temperature={TEMPERATURE}", f"trainer.learning_rate={LR}",
-                   f"batch.global_batch_size={P * G}", "batch.micro_batch_size=-1"])
+                   f"batch.global_batch_size={P * G}", "batch.micro_batch_size=-1",
+                   f"trainer.padding_free={args.padding_free}"])
     t = cfg.trainer
     mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
     graphdef, params = nnx.split(load_model(cfg.model, mesh=mesh, seed=0), nnx.Param)
@@ -75,7 +75,7 @@ def ours(preset: str, args) -> dict:
     mask_PT = np.ones_like(ids_PT)
     eos = eos_id(cfg.model) if args.lengths == "varied" else None
     bias = {eos: eos_bias(args, cfg.model)} if eos is not None else None
-    lengths_seen = []
+    lengths_seen, packed_rows = [], []
 
     def rollout(state, seed):
         out = generate(nnx.merge(graphdef, state.params), jnp.asarray(ids_PT), jnp.asarray(mask_PT),
@@ -88,10 +88,13 @@ def ours(preset: str, args) -> dict:
                         [""] * len(tokens), ~ended)
         batch_np, _ = training_batch(c, mask_truncated=False)  # as TRL: truncated rows keep their loss
         advantages, _ = group_advantages(reward_even_share(tokens), G, t.scale_rewards)
-        batch = to_global(batch_np, mesh)
-        advantages = jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, 1), np.asarray(advantages))
-        extras = {"advantages": advantages,
-                  "ref_logp": ref_logprobs(state.ref_params, batch)}
+        extras_np = {"advantages": np.asarray(advantages)}
+        if t.padding_free:  # as the recipe's updates (rl/updates.py): rows packed for the update
+            batch_np, extras_np = packing.pack_rollout(batch_np, extras_np["advantages"])
+        packed_rows.append(batch_np.tokens.shape[0])
+        batch = jax.tree.map(lambda x: parallel.shard_rows(x, mesh), batch_np)
+        extras = {k: parallel.shard_rows(v, mesh) for k, v in extras_np.items()}
+        extras["ref_logp"] = ref_logprobs(state.ref_params, batch)
         jax.block_until_ready(extras)
         return batch, extras
 
@@ -106,7 +109,7 @@ def ours(preset: str, args) -> dict:
         updates.append(time.perf_counter() - start)
     row = summary(rollouts, updates, P * G, compile_s=rollouts[0] + updates[0] - np.median(rollouts[1:])
                   - np.median(updates[1:]))
-    row["lengths"] = lengths_seen
+    row["lengths"], row["update_rows"] = lengths_seen, packed_rows
     return row
 
 
@@ -149,7 +152,7 @@ def trl_step(preset: str, args) -> dict:
     prompts = [text_of_length(tokenizer, rng, args.prompt_len) for _ in range(args.prompts * (args.steps + 1))]
     prompt_lens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
 
-    lengths_seen = []
+    lengths_seen, packed_rows = [], []
 
     def reward(completion_ids, **_):
         lengths_seen.extend(len(c) for c in completion_ids)
@@ -194,7 +197,7 @@ def trl_step(preset: str, args) -> dict:
     updates = [s - r for s, r in zip(times.steps, rollouts)]
     row = summary(rollouts, updates, args.prompts * args.G, compile_s=None)
     row["prompt_tokens"] = float(np.mean(prompt_lens))
-    row["lengths"] = lengths_seen
+    row["lengths"], row["update_rows"] = lengths_seen, packed_rows
     return row
 
 
@@ -233,6 +236,8 @@ def main():
     parser.add_argument("--eos-bias", type=float, default=None,
                         help="--lengths varied: the EOS logit's bias (default: a random model's mean length "
                              "near a third of the budget)")
+    parser.add_argument("--padding-free", choices=("true", "false"), default="true",
+                        help="ours: pack the rollout's rows for the update (trainer.padding_free)")
     parser.add_argument("--threads", type=int, default=0,
                         help="1: one CPU thread for both (XLA without Eigen threads, torch 1 thread); "
                              "on a shared, busy host PyTorch's OpenMP threads stall each other badly")

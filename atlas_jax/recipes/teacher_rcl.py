@@ -87,7 +87,7 @@ def run(cfg: TrainConfig, mesh) -> dict:
                                                seed=cfg.seed * 1_000_003 + step - 1, mesh=mesh)
                 samples.write(sample_records(episode, records, G))
                 queue = updates.rollout_updates(episode, state, frozen=job.frozen, logprobs=logprobs, trainer=t,
-                                                mesh=mesh, started=started)
+                                                mesh=mesh, started=started, accum_steps=_accumulation(cfg, mesh))
             batch, extras, stats = queue.pop()
             started = time.perf_counter()
             state, metrics = update(state, batch, extras)
@@ -122,6 +122,9 @@ def prepare(cfg: TrainConfig, mesh, *, total_steps: int, stop_tokens: int = 1) -
 
     batch = Batch(sds((B, T), jnp.int32), sds((B, T), jnp.int32), sds((B, T), jnp.int32), sds((B, T), jnp.float32))
     extras = {"advantages": sds((B,), jnp.float32)}
+    if t.padding_free:  # packed rows (rl/packing.py): at most B of them, per-token advantages
+        extras = {"advantages": sds((B, T), jnp.float32), "sequence_tokens": sds((B, T), jnp.float32),
+                  "sequences": sds((B,), jnp.float32)}
     if t.beta > 0:
         extras["ref_logp"] = sds((B, T), jnp.float32)
     if t.num_iterations > 1:

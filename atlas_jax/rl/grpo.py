@@ -112,6 +112,7 @@ def grpo_loss(
     num_sequences: Scalar,
     num_tokens: Scalar,
     entropy_BT: Optional[jax.Array] = None,
+    sequence_tokens_BT: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """This micro-batch's share of the GRPO loss of the whole optimizer batch, and its metrics.
 
@@ -131,7 +132,12 @@ def grpo_loss(
       dapo     S / num_tokens. TRL: the same (num_items_in_batch = tokens of the global batch).
 
     With old_logp = stop_gradient(logp) (one update per rollout) rho is 1 and the gradient is
-    REINFORCE with the group advantage plus the KL gradient. Metrics are normalised by the same
+    REINFORCE with the group advantage plus the KL gradient.
+
+    Packed rows (`rl.packing`: several completions a row) pass advantages per token [B, T]
+    and `sequence_tokens_BT`, the loss tokens of the completion each token belongs to; "grpo"
+    then takes each completion's mean through those counts instead of per row. Everything
+    else is a sum over tokens already, so packed and unpacked rows give the same loss. Metrics are normalised by the same
     global counts, so they too sum over micro-batches: kl, entropy and clip_ratio/low, /high,
     /region are token means (clip fractions count tokens whose gradient the clip removed).
     """
@@ -144,7 +150,8 @@ def grpo_loss(
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask_BT = mask_BT.astype(jnp.float32)
     logp_BT = logp_BT.astype(jnp.float32)
-    adv_B1 = advantages_B.astype(jnp.float32)[:, None]
+    adv_B1 = advantages_B.astype(jnp.float32)  # [B, 1], or [B, T] on packed rows
+    adv_B1 = adv_B1 if adv_B1.ndim == 2 else adv_B1[:, None]
     tokens = jnp.maximum(jnp.asarray(num_tokens, jnp.float32), 1.0)
     sequences = jnp.maximum(jnp.asarray(num_sequences, jnp.float32), 1.0)
 
@@ -159,7 +166,9 @@ def grpo_loss(
         kl_BT = jnp.zeros_like(logp_BT)
 
     masked_sum = jnp.sum(loss_BT * mask_BT)
-    if loss_type == "grpo":
+    if loss_type == "grpo" and sequence_tokens_BT is not None:
+        loss = jnp.sum(loss_BT * mask_BT / jnp.maximum(sequence_tokens_BT.astype(jnp.float32), 1.0)) / sequences
+    elif loss_type == "grpo":
         per_seq_B = jnp.sum(loss_BT * mask_BT, axis=1) / jnp.maximum(mask_BT.sum(axis=1), 1.0)
         loss = jnp.sum(per_seq_B) / sequences
     elif loss_type == "dr_grpo":

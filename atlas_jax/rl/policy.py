@@ -35,17 +35,19 @@ def shifted_logprobs(model, batch, temperature: float, chunk: int = CHUNK_T, dro
 
 
 def grpo_totals(batch, extras) -> dict:
-    """Global-batch normalisers: completions and loss tokens of the whole optimizer batch."""
-    del extras
+    """Global-batch normalisers: completions and loss tokens of the whole optimizer batch
+    (packed rows, `rl.packing`, say how many completions each holds)."""
     _, mask_BT = next_token_targets(batch)
-    return {"num_sequences": jnp.float32(batch.tokens.shape[0]), "num_tokens": jnp.sum(mask_BT)}
+    sequences = jnp.sum(extras["sequences"]) if "sequences" in extras else jnp.float32(batch.tokens.shape[0])
+    return {"num_sequences": sequences, "num_tokens": jnp.sum(mask_BT)}
 
 
 def make_grpo_loss(graphdef: nnx.GraphDef, trainer: TrainerConfig) -> Callable:
     """loss_fn(params, micro_batch, extras, totals) for `train.step.make_train_step`.
 
     extras: {"advantages": [B]} plus, when present, "old_logp" [B, T] (num_iterations > 1)
-    and "ref_logp" [B, T] (beta > 0), both aligned to next-token positions. `keys_B`
+    and "ref_logp" [B, T] (beta > 0), both aligned to next-token positions; packed rows
+    (`rl.packing`) carry advantages [B, T], "sequence_tokens" [B, T] and "sequences" [B]. `keys_B`
     (make_train_step's row_keys=True) turns on LoRA dropout in this pass alone; the old and
     reference log-probs come from the deterministic forward.
     """
@@ -60,7 +62,8 @@ def make_grpo_loss(graphdef: nnx.GraphDef, trainer: TrainerConfig) -> Callable:
             beta=trainer.beta if "ref_logp" in extras else 0.0, epsilon=trainer.epsilon,
             epsilon_high=trainer.epsilon_high, loss_type=trainer.loss_type,
             max_completion_length=trainer.max_completion_length,
-            num_sequences=totals["num_sequences"], num_tokens=totals["num_tokens"], entropy_BT=entropy_BT)
+            num_sequences=totals["num_sequences"], num_tokens=totals["num_tokens"], entropy_BT=entropy_BT,
+            sequence_tokens_BT=extras.get("sequence_tokens"))
     return loss_fn
 
 

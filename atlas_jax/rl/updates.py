@@ -27,7 +27,7 @@ from atlas_jax import parallel
 from atlas_jax.config import TrainerConfig
 from atlas_jax.data.batch import Batch
 from atlas_jax.models import lora
-from atlas_jax.rl import rollout
+from atlas_jax.rl import packing, rollout
 from atlas_jax.rl.grpo import group_advantages
 
 _KEY = "pending_updates"  # the queue's entry in the checkpoint's JSON
@@ -91,20 +91,26 @@ def reference_params(state, frozen):
 
 
 def rollout_updates(episode, state, *, frozen, logprobs: Callable, trainer: TrainerConfig, mesh,
-                    started: float) -> UpdateQueue:
+                    started: float, accum_steps: int = 1) -> UpdateQueue:
     """The updates one scored rollout serves (see the module docstring).
 
     episode: a TeachingEpisode or AnswerEpisode (rows prompt-major, G per prompt); state:
     the policy that sampled it; logprobs: `rl.policy.make_logprob_fn(...)`; started: the
-    rollout's time.perf_counter() start, for rollout_time_s.
+    rollout's time.perf_counter() start, for rollout_time_s; accum_steps: the update's
+    micro-batches, which packed rows (`trainer.padding_free`) are a whole number of per shard.
     """
     advantages, group_std = group_advantages(episode.rewards, trainer.num_generations, trainer.scale_rewards)
     batch_np, _ = rollout.training_batch(episode.policy, mask_truncated=trainer.mask_truncated_completions)
     stats = {**episode.metrics(), "frac_reward_zero_std": float(np.mean(np.asarray(group_std) < 1e-6))}
     chunks = []
+    row_multiple = accum_steps * parallel.data_parallel_size(mesh)
     for rows in np.array_split(np.arange(len(episode.rewards)), trainer.generation_aggregation_steps):
-        batch = jax.tree.map(lambda x: parallel.shard_rows(x[rows], mesh), batch_np)
-        extras = {"advantages": parallel.shard_rows(np.asarray(advantages)[rows], mesh)}
+        chunk = jax.tree.map(lambda x: x[rows], batch_np)
+        extras = {"advantages": np.asarray(advantages)[rows]}
+        if trainer.padding_free:
+            chunk, extras = packing.pack_rollout(chunk, extras["advantages"], row_multiple=row_multiple)
+        batch = jax.tree.map(lambda x: parallel.shard_rows(x, mesh), chunk)
+        extras = {k: parallel.shard_rows(v, mesh) for k, v in extras.items()}
         if trainer.beta > 0:
             extras["ref_logp"] = logprobs(reference_params(state, frozen), batch)
         if trainer.num_iterations > 1:

@@ -13,9 +13,9 @@ from flax import nnx
 from atlas_jax.config import MeshConfig, TrainerConfig
 from atlas_jax.models import init_model
 from atlas_jax.parallel import make_mesh
-from atlas_jax.rl import policy, updates
+from atlas_jax.rl import packing, policy, updates
 from atlas_jax.rl.grpo import group_advantages
-from atlas_jax.rl.rollout import AnswerEpisode, Completions
+from atlas_jax.rl.rollout import AnswerEpisode, Completions, training_batch
 from atlas_jax.train.checkpoint import Checkpointer
 from atlas_jax.train.optim import make_optimizer
 from atlas_jax.train.state import abstract_of
@@ -48,7 +48,8 @@ def _setup(mesh, trainer):
 
 def test_a_rollout_serves_aggregation_x_iterations_updates_in_order():
     mesh = make_mesh(MeshConfig(name="one", fsdp=-1), jax.devices()[:1])
-    trainer = TrainerConfig(num_generations=G, generation_aggregation_steps=2, num_iterations=3, beta=0.04)
+    trainer = TrainerConfig(num_generations=G, generation_aggregation_steps=2, num_iterations=3, beta=0.04,
+                            padding_free=False)  # one row per completion, so rows can be compared
     _, state, logprobs = _setup(mesh, trainer)
     episode = _episode(2 * 8)
     queue = updates.rollout_updates(episode, state, frozen=None, logprobs=logprobs, trainer=trainer, mesh=mesh,
@@ -72,13 +73,21 @@ def test_a_rollout_serves_aggregation_x_iterations_updates_in_order():
     assert not np.array_equal(np.asarray(extras["old_logp"]), np.asarray(extras["ref_logp"]))
 
 
-def test_one_iteration_without_kl_carries_only_advantages():
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_one_iteration_without_kl_carries_only_advantages(padding_free):
     mesh = make_mesh(MeshConfig(name="one", fsdp=-1), jax.devices()[:1])
-    trainer = TrainerConfig(num_generations=G, beta=0.0)
+    trainer = TrainerConfig(num_generations=G, beta=0.0, padding_free=padding_free)
     _, state, logprobs = _setup(mesh, trainer)
     queue = updates.rollout_updates(_episode(8), state, frozen=None, logprobs=logprobs, trainer=trainer, mesh=mesh,
-                                    started=time.perf_counter())
-    assert len(queue) == 1 and set(queue.pop()[1]) == {"advantages"}
+                                    started=time.perf_counter(), accum_steps=2)
+    batch, extras, _ = queue.pop()
+    assert len(queue) == 0
+    assert set(extras) == ({"advantages", "sequence_tokens", "sequences"} if padding_free else {"advantages"})
+    if padding_free:  # packed as rl/packing.py packs, a whole number of rows per micro-batch
+        rows = packing.pack_rollout(training_batch(_episode(8).policy, mask_truncated=False)[0],
+                                    np.zeros(8), row_multiple=2)[0]
+        np.testing.assert_array_equal(np.asarray(batch.tokens), rows.tokens)
+        assert float(np.sum(extras["sequences"])) == 8
     assert queue.checkpoint_items() == (None, None)  # a rollout boundary carries nothing
     assert not updates.UpdateQueue.restored({}) and not updates.UpdateQueue.restored({"extra": None, "rows": None})
 

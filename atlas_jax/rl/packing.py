@@ -1,0 +1,91 @@
+"""Padding-free GRPO updates: a rollout's prompt + completion rows packed into fewer rows.
+
+A rollout's training rows (`rollout.training_batch`) are as wide as the longest prompt plus
+the whole completion budget, so when completions end early most of each row is padding and
+the update's FLOPs follow the budget, not the tokens. `pack_rollout` moves every row's real
+tokens (its prompt and its sampled tokens) into rows of the same width, several sequences a
+row, as SFT's packer does: the same `Batch` type, segment ids 1..n per row and positions
+restarting at 0 for each sequence, so attention never crosses a sequence.
+
+What the GRPO loss needs of each sequence travels per token, aligned like the batch:
+  advantages       [R, T]  the advantage of the sequence the token belongs to
+  sequence_tokens  [R, T]  that sequence's loss tokens (>= 1), for the "grpo" loss type's
+                           per-sequence mean
+  sequences        [R]     completions packed in the row, so the step's totals count the
+                           rollout's completions (num_sequences) exactly as unpacked rows do
+With those, `grpo_loss` gives the same loss, gradients and metrics as on the unpacked rows
+(tests/rl/test_packing.py), and the old/reference log-probs are computed on the packed rows.
+
+Row counts are bucketed: a whole number of `row_multiple` rows (accumulation steps x data
+shards, so every micro-batch on every shard has the same rows), that number a power of two
+or 1.5 times one, capped at the unpacked count, so a run compiles a handful of update
+programs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from atlas_jax.data.batch import Batch, empty_rows
+
+
+def pack_groups(lengths: np.ndarray, width: int) -> list[list[int]]:
+    """First-fit decreasing: the sequence indices of each packed row (each length <= width)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    rows, room = [], []
+    for i in order:
+        n = int(lengths[i])
+        slot = next((r for r, left in enumerate(room) if left >= n), None)
+        if slot is None:
+            rows.append([i])
+            room.append(width - n)
+        else:
+            rows[slot].append(i)
+            room[slot] -= n
+    return rows
+
+
+def bucketed_rows(needed: int, unpacked: int, row_multiple: int) -> int:
+    """Rows to allocate: `needed` rounded up to row_multiple x (a power of two or 1.5 times
+    one: 1, 2, 3, 4, 6, 8, 12, ...), at most `unpacked`: two programs an octave, at most a
+    third of the rows empty."""
+    units = -(-needed // row_multiple)
+    power = 1 << max(units - 1, 0).bit_length()
+    units = power * 3 // 4 if units <= power * 3 // 4 and power >= 4 else power
+    return min(units * row_multiple, unpacked)
+
+
+def pack_rollout(batch: Batch, advantages_B: np.ndarray, *, row_multiple: int = 1, pad_id: int = 0
+                 ) -> tuple[Batch, dict[str, np.ndarray]]:
+    """(packed batch, per-token extras) from a rollout's host rows (one completion each).
+
+    batch: `rollout.training_batch`'s rows (segment id 1 on real tokens, 0 on padding);
+    advantages_B: one per row. The packed batch keeps the width T and has at most B rows.
+    """
+    B, T = batch.tokens.shape
+    if B % row_multiple:
+        raise ValueError(f"{B} rows cannot be split into groups of {row_multiple} (accumulation x data shards)")
+    present_BT = np.asarray(batch.segment_ids) > 0
+    lengths_B = present_BT.sum(axis=1)
+    loss_tokens_B = np.asarray(batch.loss_mask, np.float32).sum(axis=1)
+    groups = pack_groups(lengths_B, T)
+    R = bucketed_rows(len(groups), B, row_multiple)
+    out = empty_rows(R, T, pad_id)
+    advantages_RT = np.zeros((R, T), np.float32)
+    sequence_tokens_RT = np.ones((R, T), np.float32)
+    sequences_R = np.zeros((R,), np.float32)
+    for r, members in enumerate(groups):
+        start = 0
+        for segment, b in enumerate(sorted(members), start=1):  # row order inside a packed row
+            keep = present_BT[b]
+            n = int(lengths_B[b])
+            span = slice(start, start + n)
+            out.tokens[r, span] = batch.tokens[b][keep]
+            out.positions[r, span] = np.arange(n, dtype=np.int32)
+            out.segment_ids[r, span] = segment
+            out.loss_mask[r, span] = batch.loss_mask[b][keep]
+            advantages_RT[r, span] = advantages_B[b]
+            sequence_tokens_RT[r, span] = max(loss_tokens_B[b], 1.0)
+            start += n
+        sequences_R[r] = len(members)
+    return out, {"advantages": advantages_RT, "sequence_tokens": sequence_tokens_RT, "sequences": sequences_R}
