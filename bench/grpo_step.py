@@ -91,7 +91,7 @@ def ours(preset: str, args) -> dict:
         extras_np = {"advantages": np.asarray(advantages)}
         if t.padding_free:  # as the recipe's updates (rl/updates.py): rows packed for the update
             batch_np, extras_np = packing.pack_rollout(batch_np, extras_np["advantages"])
-        packed_rows.append(batch_np.tokens.shape[0])
+        packed_rows.append("x".join(map(str, batch_np.tokens.shape)))
         batch = jax.tree.map(lambda x: parallel.shard_rows(x, mesh), batch_np)
         extras = {k: parallel.shard_rows(v, mesh) for k, v in extras_np.items()}
         extras["ref_logp"] = ref_logprobs(state.ref_params, batch)
@@ -152,7 +152,7 @@ def trl_step(preset: str, args) -> dict:
     prompts = [text_of_length(tokenizer, rng, args.prompt_len) for _ in range(args.prompts * (args.steps + 1))]
     prompt_lens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
 
-    lengths_seen, packed_rows = [], []
+    lengths_seen = []
 
     def reward(completion_ids, **_):
         lengths_seen.extend(len(c) for c in completion_ids)
@@ -197,7 +197,7 @@ def trl_step(preset: str, args) -> dict:
     updates = [s - r for s, r in zip(times.steps, rollouts)]
     row = summary(rollouts, updates, args.prompts * args.G, compile_s=None)
     row["prompt_tokens"] = float(np.mean(prompt_lens))
-    row["lengths"], row["update_rows"] = lengths_seen, packed_rows
+    row["lengths"], row["update_rows"] = lengths_seen, None  # TRL pads to the longest row
     return row
 
 
@@ -273,6 +273,9 @@ def main():
         print(f"completion lengths (tokens, bins of {args.new // 8}; counts over every step):")
         for preset, impl, r in rows:
             print(f"  {preset:<10} {impl:<16} {histogram(r['lengths'], args.new)}")
+        for preset, impl, r in rows:
+            if r["update_rows"]:
+                print(f"  {preset:<10} {impl:<16} update rows x width, step by step: {' '.join(r['update_rows'])}")
     for preset in args.models:
         mine = next((r for p, i, r in rows if p == preset and i == "atlas_jax"), None)
         theirs = next((r for p, i, r in rows if p == preset and i != "atlas_jax"), None)

@@ -28,7 +28,7 @@ from atlas_jax.config import TrainConfig, accumulation_steps
 from atlas_jax.data import Batch, rl_batches, rl_num_examples
 from atlas_jax.generation import sampler
 from atlas_jax.models import load_tokenizer, lora
-from atlas_jax.rl import episodes, policy, rollout, updates
+from atlas_jax.rl import episodes, packing, policy, rollout, updates
 from atlas_jax.rl.samples import SampleWriter, sample_records
 from atlas_jax.rl.student import load_student
 from atlas_jax.train import loop, setup
@@ -120,15 +120,17 @@ def prepare(cfg: TrainConfig, mesh, *, total_steps: int, stop_tokens: int = 1) -
     def sds(shape, dtype):  # rows over the data axes, as parallel.shard_rows puts them
         return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(mesh, len(shape)))
 
-    batch = Batch(sds((B, T), jnp.int32), sds((B, T), jnp.int32), sds((B, T), jnp.int32), sds((B, T), jnp.float32))
-    extras = {"advantages": sds((B,), jnp.float32)}
-    if t.padding_free:  # packed rows (rl/packing.py): at most B of them, per-token advantages
-        extras = {"advantages": sds((B, T), jnp.float32), "sequence_tokens": sds((B, T), jnp.float32),
-                  "sequences": sds((B,), jnp.float32)}
+    R, W = B, T  # the update's rows
+    extras = {"advantages": sds((R,), jnp.float32)}
+    if t.padding_free:  # packed rows (rl/packing.py): its largest layout, per-token advantages
+        R, W = packing.packed_layout(B, T, _accumulation(cfg, mesh) * parallel.data_parallel_size(mesh))
+        extras = {"advantages": sds((R, W), jnp.float32), "sequence_tokens": sds((R, W), jnp.float32),
+                  "sequences": sds((R,), jnp.float32)}
+    batch = Batch(sds((R, W), jnp.int32), sds((R, W), jnp.int32), sds((R, W), jnp.int32), sds((R, W), jnp.float32))
     if t.beta > 0:
-        extras["ref_logp"] = sds((B, T), jnp.float32)
+        extras["ref_logp"] = sds((R, W), jnp.float32)
     if t.num_iterations > 1:
-        extras["old_logp"] = sds((B, T), jnp.float32)
+        extras["old_logp"] = sds((R, W), jnp.float32)
     sampler_model = nnx.merge(shapes.graphdef, lora.full_params(shapes.state.params, shapes.frozen))
     generation = sampler.abstract_call(
         sampler_model, mesh, prompts=B // t.num_generations * t.generation_aggregation_steps, prompt_length=prompt,

@@ -3,9 +3,16 @@
 A rollout's training rows (`rollout.training_batch`) are as wide as the longest prompt plus
 the whole completion budget, so when completions end early most of each row is padding and
 the update's FLOPs follow the budget, not the tokens. `pack_rollout` moves every row's real
-tokens (its prompt and its sampled tokens) into rows of the same width, several sequences a
-row, as SFT's packer does: the same `Batch` type, segment ids 1..n per row and positions
-restarting at 0 for each sequence, so attention never crosses a sequence.
+tokens (its prompt and its sampled tokens) into packed rows, several sequences a row, as
+SFT's packer does: the same `Batch` type, segment ids 1..n per row and positions restarting
+at 0 for each sequence, so attention never crosses a sequence.
+
+Packed rows are twice the unpacked width (`packed_layout`). At the same width two sequences
+share a row only when both are under half of it, which a rollout rarely has: its prompts are
+padded to the longest and a completion that uses half its budget already fills half the
+row. At twice the width any two sequences fit, so at most half the rows remain, and with
+half the rows at twice the width the update never holds more tokens than unpacked; it pays
+for that in attention, whose scores per token double.
 
 What the GRPO loss needs of each sequence travels per token, aligned like the batch:
   advantages       [R, T]  the advantage of the sequence the token belongs to
@@ -17,9 +24,9 @@ With those, `grpo_loss` gives the same loss, gradients and metrics as on the unp
 (tests/rl/test_packing.py), and the old/reference log-probs are computed on the packed rows.
 
 Row counts are bucketed: a whole number of `row_multiple` rows (accumulation steps x data
-shards, so every micro-batch on every shard has the same rows), that number a power of two
-or 1.5 times one, capped at the unpacked count, so a run compiles a handful of update
-programs.
+shards, so every micro-batch on every shard has the same rows), that number one of four
+steps an octave past eight, capped at `packed_layout`'s rows, so a run compiles a handful
+of update programs, each no larger than the unpacked one.
 """
 
 from __future__ import annotations
@@ -45,14 +52,24 @@ def pack_groups(lengths: np.ndarray, width: int) -> list[list[int]]:
     return rows
 
 
-def bucketed_rows(needed: int, unpacked: int, row_multiple: int) -> int:
-    """Rows to allocate: `needed` rounded up to row_multiple x (a power of two or 1.5 times
-    one: 1, 2, 3, 4, 6, 8, 12, ...), at most `unpacked`: two programs an octave, at most a
-    third of the rows empty."""
+def bucketed_rows(needed: int, most: int, row_multiple: int) -> int:
+    """Rows to allocate: `needed` rounded up to row_multiple x (1..8, then four steps an
+    octave: 10, 12, 14, 16, 20, 24, ...), at most `most`: a handful of programs, and at most
+    a ninth of the rows empty past the first eight."""
     units = -(-needed // row_multiple)
-    power = 1 << max(units - 1, 0).bit_length()
-    units = power * 3 // 4 if units <= power * 3 // 4 and power >= 4 else power
-    return min(units * row_multiple, unpacked)
+    step = max(1 << max(units - 1, 0).bit_length(), 8) // 8  # 1 up to 8, 2 up to 16, 4 up to 32, ...
+    return min(-(-units // step) * step * row_multiple, most)
+
+
+def packed_layout(rows: int, width: int, row_multiple: int = 1) -> tuple[int, int]:
+    """(most rows, row width) of the packed rows for B unpacked rows of width T: (B / 2, 2T)
+    where B / 2 is a whole number of row_multiple, else (B, T). The update and its memory
+    plan (recipes.teacher_rcl.prepare) are compiled at these shapes; no packing is larger."""
+    if rows % row_multiple:
+        raise ValueError(f"{rows} rows cannot be split into groups of {row_multiple} (accumulation x data shards)")
+    if rows % (2 * row_multiple) == 0:
+        return rows // 2, 2 * width
+    return rows, width
 
 
 def pack_rollout(batch: Batch, advantages_B: np.ndarray, *, row_multiple: int = 1, pad_id: int = 0
@@ -60,19 +77,19 @@ def pack_rollout(batch: Batch, advantages_B: np.ndarray, *, row_multiple: int = 
     """(packed batch, per-token extras) from a rollout's host rows (one completion each).
 
     batch: `rollout.training_batch`'s rows (segment id 1 on real tokens, 0 on padding);
-    advantages_B: one per row. The packed batch keeps the width T and has at most B rows.
+    advantages_B: one per row. The packed rows are `packed_layout(B, T, row_multiple)` wide
+    and at most that many.
     """
     B, T = batch.tokens.shape
-    if B % row_multiple:
-        raise ValueError(f"{B} rows cannot be split into groups of {row_multiple} (accumulation x data shards)")
+    most_rows, W = packed_layout(B, T, row_multiple)
     present_BT = np.asarray(batch.segment_ids) > 0
     lengths_B = present_BT.sum(axis=1)
     loss_tokens_B = np.asarray(batch.loss_mask, np.float32).sum(axis=1)
-    groups = pack_groups(lengths_B, T)
-    R = bucketed_rows(len(groups), B, row_multiple)
-    out = empty_rows(R, T, pad_id)
-    advantages_RT = np.zeros((R, T), np.float32)
-    sequence_tokens_RT = np.ones((R, T), np.float32)
+    groups = pack_groups(lengths_B, W)  # <= most_rows: at width 2T every row but the last holds two or more
+    R = bucketed_rows(len(groups), most_rows, row_multiple)
+    out = empty_rows(R, W, pad_id)
+    advantages_RT = np.zeros((R, W), np.float32)
+    sequence_tokens_RT = np.ones((R, W), np.float32)
     sequences_R = np.zeros((R,), np.float32)
     for r, members in enumerate(groups):
         start = 0

@@ -47,9 +47,9 @@ def _rollout_rows(B=16, Tp=16, Tc=12, seed=0):
 def test_packing_keeps_every_sequence_once_and_buckets_the_rows():
     batch, adv = _rollout_rows()
     packed, extras = packing.pack_rollout(batch, adv, row_multiple=2)
-    R, T = packed.tokens.shape
-    assert T == batch.tokens.shape[1] and R < batch.tokens.shape[0] and R % 2 == 0
-    assert R == packing.bucketed_rows(len(packing.pack_groups(batch.segment_ids.sum(1), T)), 16, 2)
+    R, W = packed.tokens.shape
+    assert W == 2 * batch.tokens.shape[1] and R <= 8 and R % 2 == 0  # packed_layout: (B / 2, 2T)
+    assert R == packing.bucketed_rows(len(packing.pack_groups(batch.segment_ids.sum(1), W)), 8, 2)
     assert extras["sequences"].sum() == 16
     seen = []
     for r in range(R):
@@ -67,9 +67,21 @@ def test_packing_keeps_every_sequence_once_and_buckets_the_rows():
 
 def test_row_counts_are_a_few_buckets():
     counts = {packing.bucketed_rows(n, 64, 4) for n in range(1, 65)}
-    assert counts == {4, 8, 12, 16, 24, 32, 48, 64}
+    assert counts == {4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64}
+    assert packing.bucketed_rows(33, 200, 1) == 40 and packing.bucketed_rows(99, 64, 4) == 64
     with pytest.raises(ValueError, match="groups of 3"):
         packing.pack_rollout(*_rollout_rows(B=16), row_multiple=3)
+
+
+def test_rows_twice_as_wide_unless_half_the_rows_cannot_be_split_evenly():
+    assert packing.packed_layout(16, 28, 4) == (8, 56)
+    assert packing.packed_layout(16, 28, 16) == (16, 28)  # 8 rows over 16 shards
+    # every sequence at the whole width: one a row at width T, two a row at 2T
+    full = np.ones((8, 28), np.int32)
+    batch = Batch(tokens=full, positions=np.cumsum(full, 1) - 1, segment_ids=full, loss_mask=full.astype(np.float32))
+    adv = np.zeros(8, np.float32)
+    assert packing.pack_rollout(batch, adv, row_multiple=8)[0].tokens.shape == (8, 28)
+    assert packing.pack_rollout(batch, adv, row_multiple=4)[0].tokens.shape == (4, 56)
 
 
 def _one_step(devices, packed: bool, trainer: TrainerConfig, accum: int = 1):
@@ -92,7 +104,7 @@ def _one_step(devices, packed: bool, trainer: TrainerConfig, accum: int = 1):
     step = make_train_step(policy.make_grpo_loss(graphdef, trainer), optimizer, accum_steps=accum, mesh=mesh,
                            state_shardings=shardings, totals_fn=policy.grpo_totals)
     state, metrics = step(state, batch, extras)
-    return jax.device_get(state.params), jax.device_get(metrics), batch_np.tokens.shape[0]
+    return jax.device_get(state.params), jax.device_get(metrics), batch_np.tokens.size
 
 
 # "grpo" is the per-completion mean packed rows must take apart; "dapo" a token sum (dr_grpo
@@ -100,14 +112,15 @@ def _one_step(devices, packed: bool, trainer: TrainerConfig, accum: int = 1):
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_packed_update_equals_unpacked(loss_type):
     trainer = dataclasses.replace(TRAINER, loss_type=loss_type)
-    params, metrics, rows = _one_step(jax.devices()[:1], False, trainer)
-    assert metrics["kl"] > 0 and metrics["clip_ratio/region"] > 0 and rows == 16
+    params, metrics, tokens = _one_step(jax.devices()[:1], False, trainer)
+    assert metrics["kl"] > 0 and metrics["clip_ratio/region"] > 0 and tokens == 16 * 28
     cases = [(jax.devices()[:1], 1)]
     if loss_type == "grpo":  # 8 data shards; 2 shards x 2 micro-batches
         cases += [(jax.devices()[:8], 1), (jax.devices()[:2], 2)]
     for devices, accum in cases:
-        packed_params, packed, packed_rows = _one_step(devices, True, trainer, accum)
-        assert packed_rows < rows
+        packed_params, packed, packed_tokens = _one_step(devices, True, trainer, accum)
+        # 8 shards: one 2T row each (the fewest) holds as many tokens as the unpacked rows
+        assert packed_tokens <= tokens if len(devices) == 8 else packed_tokens < tokens
         chex.assert_trees_all_close(packed_params, params, atol=1e-5, rtol=1e-5)
         for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio/region", "num_sequences", "num_tokens"):
             np.testing.assert_allclose(packed[key], metrics[key], atol=1e-5, rtol=1e-5, err_msg=key)
