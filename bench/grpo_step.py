@@ -273,9 +273,10 @@ def main():
         print(f"completion lengths (tokens, bins of {args.new // 8}; counts over every step):")
         for preset, impl, r in rows:
             print(f"  {preset:<10} {impl:<16} {histogram(r['lengths'], args.new)}")
-        for preset, impl, r in rows:
-            if r["update_rows"]:
-                print(f"  {preset:<10} {impl:<16} update rows x width, step by step: {' '.join(r['update_rows'])}")
+
+    for preset, impl, r in rows:
+        if r["update_rows"]:
+            print(f"  {preset:<10} {impl:<16} update rows x width, step by step: {' '.join(r['update_rows'])}")
     for preset in args.models:
         mine = next((r for p, i, r in rows if p == preset and i == "atlas_jax"), None)
         theirs = next((r for p, i, r in rows if p == preset and i != "atlas_jax"), None)

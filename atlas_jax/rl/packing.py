@@ -12,7 +12,9 @@ share a row only when both are under half of it, which a rollout rarely has: its
 padded to the longest and a completion that uses half its budget already fills half the
 row. At twice the width any two sequences fit, so at most half the rows remain, and with
 half the rows at twice the width the update never holds more tokens than unpacked; it pays
-for that in attention, whose scores per token double.
+for that in attention, whose scores per token double, so where the packed rows would hold
+as many tokens as the unpacked ones (every completion near its budget) the rows are left as
+they are, with one advantage a row.
 
 What the GRPO loss needs of each sequence travels per token, aligned like the batch:
   advantages       [R, T]  the advantage of the sequence the token belongs to
@@ -77,8 +79,9 @@ def pack_rollout(batch: Batch, advantages_B: np.ndarray, *, row_multiple: int = 
     """(packed batch, per-token extras) from a rollout's host rows (one completion each).
 
     batch: `rollout.training_batch`'s rows (segment id 1 on real tokens, 0 on padding);
-    advantages_B: one per row. The packed rows are `packed_layout(B, T, row_multiple)` wide
-    and at most that many.
+    advantages_B: one per row. The packed rows are at most `packed_layout(B, T, row_multiple)`
+    (that many, that wide); where they would hold as many tokens as the B rows, the batch and
+    {"advantages": advantages_B} come back unchanged.
     """
     B, T = batch.tokens.shape
     most_rows, W = packed_layout(B, T, row_multiple)
@@ -87,6 +90,8 @@ def pack_rollout(batch: Batch, advantages_B: np.ndarray, *, row_multiple: int = 
     loss_tokens_B = np.asarray(batch.loss_mask, np.float32).sum(axis=1)
     groups = pack_groups(lengths_B, W)  # <= most_rows: at width 2T every row but the last holds two or more
     R = bucketed_rows(len(groups), most_rows, row_multiple)
+    if R * W >= B * T:  # nothing saved (every completion near its budget): the rows as they are
+        return batch, {"advantages": advantages_B}
     out = empty_rows(R, W, pad_id)
     advantages_RT = np.zeros((R, W), np.float32)
     sequence_tokens_RT = np.ones((R, W), np.float32)

@@ -25,7 +25,7 @@ TRAINER = TrainerConfig(learning_rate=1e-4, warmup_ratio=0.0, lr_scheduler_type=
                         temperature=0.7, max_completion_length=12, weight_decay=0.0, epsilon=0.01)
 
 
-def _rollout_rows(B=16, Tp=16, Tc=12, seed=0):
+def _rollout_rows(B=32, Tp=16, Tc=12, seed=0):
     """Rows as rollout.training_batch makes them: left-padded prompts, completions of varied
     length (one at the whole budget, one of a single token), some truncated (no loss)."""
     rng = np.random.default_rng(seed)
@@ -45,7 +45,7 @@ def _rollout_rows(B=16, Tp=16, Tc=12, seed=0):
 
 
 def test_packing_keeps_every_sequence_once_and_buckets_the_rows():
-    batch, adv = _rollout_rows()
+    batch, adv = _rollout_rows(B=16)
     packed, extras = packing.pack_rollout(batch, adv, row_multiple=2)
     R, W = packed.tokens.shape
     assert W == 2 * batch.tokens.shape[1] and R <= 8 and R % 2 == 0  # packed_layout: (B / 2, 2T)
@@ -73,15 +73,22 @@ def test_row_counts_are_a_few_buckets():
         packing.pack_rollout(*_rollout_rows(B=16), row_multiple=3)
 
 
-def test_rows_twice_as_wide_unless_half_the_rows_cannot_be_split_evenly():
+def test_rows_twice_as_wide_where_that_saves_tokens_and_splits_evenly():
     assert packing.packed_layout(16, 28, 4) == (8, 56)
     assert packing.packed_layout(16, 28, 16) == (16, 28)  # 8 rows over 16 shards
-    # every sequence at the whole width: one a row at width T, two a row at 2T
-    full = np.ones((8, 28), np.int32)
-    batch = Batch(tokens=full, positions=np.cumsum(full, 1) - 1, segment_ids=full, loss_mask=full.astype(np.float32))
-    adv = np.zeros(8, np.float32)
-    assert packing.pack_rollout(batch, adv, row_multiple=8)[0].tokens.shape == (8, 28)
-    assert packing.pack_rollout(batch, adv, row_multiple=4)[0].tokens.shape == (4, 56)
+    # sequences of 18 of 28 tokens: one a row at width T, three a row at 2T
+    present = np.arange(28)[None] < np.full((12, 1), 18)
+    rows = Batch(tokens=present.astype(np.int32), positions=np.maximum(np.cumsum(present, 1) - 1, 0),
+                 segment_ids=present.astype(np.int32), loss_mask=present.astype(np.float32))
+    adv = np.zeros(12, np.float32)
+    assert packing.pack_rollout(rows, adv, row_multiple=2)[0].tokens.shape == (4, 56)
+    # where packing saves nothing (6 rows over 12 shards; every sequence the whole width) the rows stay
+    assert set(packing.pack_rollout(rows, adv, row_multiple=12)[1]) == {"advantages"}
+    ones = np.ones((8, 28), np.int32)
+    full = Batch(tokens=ones, positions=np.cumsum(ones, 1) - 1, segment_ids=ones, loss_mask=ones.astype(np.float32))
+    adv = adv[:8]
+    kept, extras = packing.pack_rollout(full, adv, row_multiple=4)
+    assert kept is full and extras["advantages"] is adv
 
 
 def _one_step(devices, packed: bool, trainer: TrainerConfig, accum: int = 1):
@@ -113,14 +120,13 @@ def _one_step(devices, packed: bool, trainer: TrainerConfig, accum: int = 1):
 def test_packed_update_equals_unpacked(loss_type):
     trainer = dataclasses.replace(TRAINER, loss_type=loss_type)
     params, metrics, tokens = _one_step(jax.devices()[:1], False, trainer)
-    assert metrics["kl"] > 0 and metrics["clip_ratio/region"] > 0 and tokens == 16 * 28
+    assert metrics["kl"] > 0 and metrics["clip_ratio/region"] > 0 and tokens == 32 * 28
     cases = [(jax.devices()[:1], 1)]
     if loss_type == "grpo":  # 8 data shards; 2 shards x 2 micro-batches
         cases += [(jax.devices()[:8], 1), (jax.devices()[:2], 2)]
     for devices, accum in cases:
         packed_params, packed, packed_tokens = _one_step(devices, True, trainer, accum)
-        # 8 shards: one 2T row each (the fewest) holds as many tokens as the unpacked rows
-        assert packed_tokens <= tokens if len(devices) == 8 else packed_tokens < tokens
+        assert packed_tokens < tokens
         chex.assert_trees_all_close(packed_params, params, atol=1e-5, rtol=1e-5)
         for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio/region", "num_sequences", "num_tokens"):
             np.testing.assert_allclose(packed[key], metrics[key], atol=1e-5, rtol=1e-5, err_msg=key)

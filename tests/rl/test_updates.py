@@ -78,16 +78,18 @@ def test_one_iteration_without_kl_carries_only_advantages(padding_free):
     mesh = make_mesh(MeshConfig(name="one", fsdp=-1), jax.devices()[:1])
     trainer = TrainerConfig(num_generations=G, beta=0.0, padding_free=padding_free)
     _, state, logprobs = _setup(mesh, trainer)
-    queue = updates.rollout_updates(_episode(8), state, frozen=None, logprobs=logprobs, trainer=trainer, mesh=mesh,
+    rows = 32 if padding_free else 8  # 32 completions pack into 14 rows of twice the width
+    queue = updates.rollout_updates(_episode(rows), state, frozen=None, logprobs=logprobs, trainer=trainer, mesh=mesh,
                                     started=time.perf_counter(), accum_steps=2)
     batch, extras, _ = queue.pop()
     assert len(queue) == 0
     assert set(extras) == ({"advantages", "sequence_tokens", "sequences"} if padding_free else {"advantages"})
     if padding_free:  # packed as rl/packing.py packs, a whole number of rows per micro-batch
-        rows = packing.pack_rollout(training_batch(_episode(8).policy, mask_truncated=False)[0],
-                                    np.zeros(8), row_multiple=2)[0]
-        np.testing.assert_array_equal(np.asarray(batch.tokens), rows.tokens)
-        assert float(np.sum(extras["sequences"])) == 8
+        packed = packing.pack_rollout(training_batch(_episode(rows).policy, mask_truncated=False)[0],
+                                      np.zeros(rows), row_multiple=2)[0]
+        assert packed.tokens.shape == (14, 20)
+        np.testing.assert_array_equal(np.asarray(batch.tokens), packed.tokens)
+        assert float(np.sum(extras["sequences"])) == rows
     assert queue.checkpoint_items() == (None, None)  # a rollout boundary carries nothing
     assert not updates.UpdateQueue.restored({}) and not updates.UpdateQueue.restored({"extra": None, "rows": None})
 
