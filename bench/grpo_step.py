@@ -75,7 +75,7 @@ def ours(preset: str, args) -> dict:
     mask_PT = np.ones_like(ids_PT)
     eos = eos_id(cfg.model) if args.lengths == "varied" else None
     bias = {eos: eos_bias(args, cfg.model)} if eos is not None else None
-    lengths_seen, packed_rows = [], []
+    lengths_seen, update_shapes = [], []
 
     def rollout(state, seed):
         out = generate(nnx.merge(graphdef, state.params), jnp.asarray(ids_PT), jnp.asarray(mask_PT),
@@ -91,7 +91,7 @@ def ours(preset: str, args) -> dict:
         extras_np = {"advantages": np.asarray(advantages)}
         if t.padding_free:  # as the recipe's updates (rl/updates.py): rows packed for the update
             batch_np, extras_np = packing.pack_rollout(batch_np, extras_np["advantages"])
-        packed_rows.append("x".join(map(str, batch_np.tokens.shape)))
+        update_shapes.append("x".join(map(str, batch_np.tokens.shape)))
         batch = jax.tree.map(lambda x: parallel.shard_rows(x, mesh), batch_np)
         extras = {k: parallel.shard_rows(v, mesh) for k, v in extras_np.items()}
         extras["ref_logp"] = ref_logprobs(state.ref_params, batch)
@@ -109,7 +109,7 @@ def ours(preset: str, args) -> dict:
         updates.append(time.perf_counter() - start)
     row = summary(rollouts, updates, P * G, compile_s=rollouts[0] + updates[0] - np.median(rollouts[1:])
                   - np.median(updates[1:]))
-    row["lengths"], row["update_rows"] = lengths_seen, packed_rows
+    row["lengths"], row["update_rows"] = lengths_seen, update_shapes
     return row
 
 

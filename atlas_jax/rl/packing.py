@@ -16,9 +16,10 @@ for that in attention, whose scores per token double, so where the packed rows w
 as many tokens as the unpacked ones (every completion near its budget) the rows are left as
 they are, with one advantage a row.
 
-What the GRPO loss needs of each sequence travels per token, aligned like the batch:
-  advantages       [R, T]  the advantage of the sequence the token belongs to
-  sequence_tokens  [R, T]  that sequence's loss tokens (>= 1), for the "grpo" loss type's
+What the GRPO loss needs of each sequence travels per token, aligned like the packed rows
+(R rows of width W):
+  advantages       [R, W]  the advantage of the sequence the token belongs to
+  sequence_tokens  [R, W]  that sequence's loss tokens (>= 1), for the "grpo" loss type's
                            per-sequence mean
   sequences        [R]     completions packed in the row, so the step's totals count the
                            rollout's completions (num_sequences) exactly as unpacked rows do
