@@ -4,20 +4,23 @@ student trained on them by the framework is helped by the right hint and misled 
 from __future__ import annotations
 
 import collections
+import pathlib
 import random
+import subprocess
+import sys
 
-import jax
 import numpy as np
 import pytest
 
-from atlas_jax import parallel
 from atlas_jax.config import compose
 from atlas_jax.data import synthetic
 from atlas_jax.data.formatting import TEACHING_USER_TEMPLATE
 from atlas_jax.models import from_pretrained, load_tokenizer
-from atlas_jax.recipes import sft
 from atlas_jax.rl import rollout
 from atlas_jax.rl.answers import score_responses
+from tests import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_the_rollout_prompts_are_the_ones_the_traces_use():
@@ -64,13 +67,15 @@ def test_teacher_traces_mix_hint_kinds_per_operation_as_configured():
 @pytest.fixture(scope="module")
 def trained_student(tmp_path_factory):
     """The quickstart's student, trained by the framework's SFT on the world's traces
-    (configs/quickstart/student.yaml as it is). With 200 steps its arithmetic was so rough
-    that whether the right hint's gain reached 0.25 depended on float rounding."""
+    (configs/quickstart/student.yaml as it is), run as a user runs it. With 200 steps its
+    arithmetic was so rough that whether the right hint's gain reached 0.25 depended on float
+    rounding. A child process, so its 300 steps compile with XLA's defaults (tests/cli.py)."""
     out = tmp_path_factory.mktemp("student")
-    cfg = compose(["+run=teacher_sft", "+quickstart=student", "trainer.report_to=[]",
-                   f"output_dir={out}"])
-    result = sft.run(cfg, parallel.make_mesh(cfg.mesh, jax.devices()[:1]))
-    return from_pretrained(result["hf_dir"]), load_tokenizer(cfg.model)
+    overrides = ["+run=teacher_sft", "+quickstart=student", "trainer.report_to=[]", f"output_dir={out}"]
+    done = subprocess.run([sys.executable, "main.py", *overrides], cwd=ROOT, env=cli.env(1, long_run=True),
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return from_pretrained(str(out / "hf")), load_tokenizer(compose(overrides).model)
 
 
 def test_the_right_hint_helps_the_student_and_a_wrong_one_misleads_it(trained_student):
