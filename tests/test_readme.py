@@ -23,7 +23,7 @@ from tests import cli, test_multihost
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-SMOKE = 'phase_overrides=["trainer.max_steps=3"]'  # the quickstart's four phases, 3 steps each
+SMOKE = 'phase_overrides=["trainer.max_steps=2"]'  # the quickstart's training phases, 2 steps each
 CPU_RCL = ["batch=quickstart", "trainer.num_generations=4", "trainer.max_prompt_length=128",
            "trainer.max_completion_length=8", "reward.max_probe_tokens=8", "data.max_eval_samples=4",
            "batch.eval_batch_size=4", "trainer.max_steps=1"]  # the recipe's sizes take 10 min
@@ -120,7 +120,7 @@ def test_command_runs(command, tmp_path):
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    """README's main command, 3 steps a phase. (Resuming each phase is the SFT and RCL
+    """README's main command, 2 steps a phase. (Resuming each phase is the SFT and RCL
     recipes' own resume, tested in tests/train and tests/recipes.)"""
     cwd = tmp_path_factory.mktemp("user")
     return cwd, _run("python main.py +run=quickstart", cwd, SMOKE)
