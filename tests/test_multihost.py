@@ -2,10 +2,10 @@
 
 Two processes x 2 CPU devices (launchers/local_multiprocess.sh, jax.distributed on
 127.0.0.1) run 3 SFT steps; one process with 4 devices runs the same command (README's
-example uses 2 x 4; on the suite's 2 cores half the devices took the SFT pair 77 -> 65 s and
-the RCL pair 159 -> 136 s, one run each on a quiet Intel Xeon, and cross the same process
-boundary). Both see the same global batches, so the losses per step and the parameters
-agree, and the checkpoint the two processes wrote jointly restores in this (single) process.
+example uses 2 x 4: half the simulated devices cross the same process boundary and cost the
+suite's 2 cores less). Both see the same global batches, so the losses per step and the
+parameters agree, and the checkpoint the two processes wrote jointly restores in this
+(single) process.
 The same holds for RCL: two processes x 1 device drive one global rollout and update exactly as
 one process with 2 devices (one step: the rollout is what differs from SFT).
 """
