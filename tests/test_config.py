@@ -84,8 +84,7 @@ def test_missing_run_is_explained():
 
 
 def _cli(*args: str, devices: int | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=cli.env(devices or 1),
-                          capture_output=True, text=True, timeout=300)
+    return cli.run_main(list(args), cwd=ROOT, devices=devices or 1, timeout=300)
 
 
 @pytest.mark.parametrize("args, culprit", [

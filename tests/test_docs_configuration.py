@@ -5,8 +5,9 @@ a dry run on simulated devices, or with the overrides the guide states beside it
 quoted output checked) or in PRODUCTION_ONLY with the reason. The guide's YAML blocks marked
 `# configs/<group>/<name>.yaml` are written to a search-path directory for the commands that
 use them. Each row of the error table is provoked and the first words of the line it prints
-are compared with the row. Subprocesses run from working directories of their own, two at a
-time (the suite's budget is two cores), and the tiny SFT run trains for real, twice.
+are compared with the row. The commands run from working directories of their own, two at a
+time (the suite's budget is two cores), forked by tests/cli.py's `run_main`, and the tiny
+SFT run trains for real, twice.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import pathlib
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -27,7 +26,6 @@ from tests import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"
-MAIN = ROOT / "main.py"
 TEXT = DOC.read_text()
 
 
@@ -199,9 +197,9 @@ def _write_configs(directory: pathlib.Path, files: dict[str, str]) -> str:
 
 
 def _main(args: list[str], cwd: pathlib.Path, *, devices: int = 1, env: dict | None = None):
-    """main.py (by absolute path) with `args`, from `cwd`, offline, on `devices` CPU devices."""
-    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, env={**cli.env(devices), **(env or {})},
-                          capture_output=True, text=True, timeout=400)
+    """main.py (by absolute path) with `args`, from `cwd`, offline, on `devices` CPU devices
+    (forked from the suite's fork server: tests/cli.py `run_main`)."""
+    return cli.run_main(args, cwd=cwd, devices=devices, env_extra=env, timeout=400)
 
 
 def _case_args(command: str, case: Case, configs_dir: pathlib.Path) -> list[str]:
@@ -261,7 +259,7 @@ def _provoke(label: str, command_cell: str, train, train_cwd: pathlib.Path, cwd:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every command, error row and schema check, two subprocesses at a time."""
+    """Every command, error row and schema check, two children at a time."""
     new = tmp_path_factory.mktemp
     with ThreadPoolExecutor(max_workers=2) as pool:
         train_cwd = new("train")

@@ -4,8 +4,6 @@ it trains, and a resume of another model's checkpoint is refused before anything
 from __future__ import annotations
 
 import pathlib
-import subprocess
-import sys
 import time
 
 import jax
@@ -18,7 +16,6 @@ from atlas_jax.generation import sampler
 from atlas_jax.train import setup
 from tests import cli
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = ["data.num_synthetic_examples=32", "data.eval_split_ratio=0", "trainer.max_steps=1",
         "trainer.save_final_model=false", "trainer.report_to=[]"]
 SFT = ["+run=teacher_sft", "model=tiny", "data=synthetic_math_sft", "batch.global_batch_size=4",
@@ -112,12 +109,10 @@ def test_a_run_that_cannot_fit_is_refused_before_it_trains(tmp_path):
     """512 rows of 16k tokens need ~430 GiB per device: refused in one line with the figure and
     the knobs, before any checkpoint, whatever this machine's MemAvailable."""
     out = tmp_path / "run"
-    env = cli.env(1)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "+run=teacher_sft", "model=tiny",
-                             "data=synthetic_math_sft", "data.num_synthetic_examples=64", "batch.global_batch_size=512",
-                             "batch.micro_batch_size=512", f"output_dir={out}"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = cli.run_main(["+run=teacher_sft", "model=tiny", "data=synthetic_math_sft", "data.num_synthetic_examples=64",
+                           "batch.global_batch_size=512", "batch.micro_batch_size=512", f"output_dir={out}"],
+                          cwd=tmp_path, timeout=120)
     seconds = time.perf_counter() - started
     assert result.returncode != 0 and seconds < 60, (result.returncode, seconds)
     assert "Traceback" not in result.stdout + result.stderr
@@ -148,10 +143,7 @@ def test_resuming_another_model_is_one_line_and_keeps_config_yaml(tmp_path, tmp_
     out, _, _ = recorded_run("sft-256", tmp_path_factory)
     saved = (out / "config.yaml").read_bytes()
     steps = sorted(p.name for p in (out / "checkpoints").iterdir())
-    env = cli.env(1)
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *CASES["sft-256"], "model.hidden_size=64",
-                             f"output_dir={out}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = cli.run_main([*CASES["sft-256"], "model.hidden_size=64", f"output_dir={out}"], cwd=tmp_path, timeout=120)
     assert result.returncode != 0
     assert "Traceback" not in result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
