@@ -29,6 +29,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=-1, help="per data shard; -1 = no accumulation")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--remat", default="none")
+    p.add_argument("--scan-layers", choices=("preset", "true", "false"), default="preset",
+                   help="run the layers under lax.scan or unrolled; preset = the model yaml's scan_layers")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--peak-flops", type=float, default=None, help="per-device peak, overrides the table")
     p.add_argument("--skip-torch", action="store_true")
@@ -127,11 +129,16 @@ def main() -> None:
     args = parse()
     import jax
 
-    from atlas_jax.config import ModelConfig, model_preset
+    from omegaconf import OmegaConf
+
+    from atlas_jax.config import CONFIG_DIR, ModelConfig, model_preset
     from atlas_jax.models import param_count
     from atlas_jax.train import metrics as metrics_lib
 
-    numerics = ModelConfig(dtype=args.dtype, param_dtype="float32", remat=args.remat)
+    preset = CONFIG_DIR / "model" / f"{args.model}.yaml"
+    scan = (OmegaConf.load(preset).get("scan_layers", ModelConfig.scan_layers) if args.scan_layers == "preset"
+            else args.scan_layers == "true")
+    numerics = ModelConfig(dtype=args.dtype, param_dtype="float32", remat=args.remat, scan_layers=scan)
     model_cfg = model_preset(args.model, numerics=numerics)
     tokens_BT = synthetic_rows(args.batch, args.length, model_cfg.vocab_size)
     tokens = args.batch * args.length
@@ -145,7 +152,7 @@ def main() -> None:
         rows.append(("transformers + torch AdamW", torch_reference(args, model_cfg, tokens_BT)))
 
     print(f"\nSFT step: {args.model} ({param_count(model_cfg) / 1e6:.1f}M params), batch {args.batch} x "
-          f"{args.length}, {args.dtype}, {n_dev} x {jax.devices()[0].device_kind}")
+          f"{args.length}, {args.dtype}, {'scanned' if scan else 'unrolled'} layers, {n_dev} x {jax.devices()[0].device_kind}")
     print(f"measured matmul: {mm / 1e9:.1f} GFLOP/s per device; table peak: "
           f"{'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown'}")
     print(f"{'implementation':28s} {'s/step':>8s} {'tokens/s':>10s} {'vs torch':>9s} {'GFLOP/s':>9s} "
