@@ -1,5 +1,6 @@
-"""README's commands, run as a user runs them: subprocesses from a working directory of
-their own, so `results/...` paths land there as they would in a fresh clone.
+"""README's commands, run as a user runs them: `python main.py` children (forked, imports done
+once: tests/cli.py run_main) from a working directory of their own, so `results/...` paths
+land there as they would in a fresh clone.
 
 Every command in README's fenced blocks must be listed in CASES below, with how the suite
 runs it: verbatim, verbatim plus the small overrides a test can afford (stated next to it),
@@ -13,8 +14,6 @@ import json
 import pathlib
 import re
 import shlex
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -86,12 +85,11 @@ def test_launcher_command_is_the_one_multihost_runs():
 
 def _run(command: str, cwd: pathlib.Path, *extra: str, devices: int = 1, timeout: int = 420):
     args = shlex.split(command)
-    if args[0] == "python":
-        args = [sys.executable, str(ROOT / args[1]), *args[2:]]
-    # the session's compilation cache comes along: a program these commands share with other
-    # tests is compiled once
-    result = subprocess.run([*args, *extra], cwd=cwd, env=cli.env(devices), capture_output=True, text=True,
-                            timeout=timeout)
+    assert args[:2] == ["python", "main.py"], command
+    # forked from the suite's fork server (tests/cli.py run_main; tests/test_forkserver.py: the
+    # same exit status and output as a fresh `python main.py`), with the session's compilation
+    # cache: a program these commands share with other tests is compiled once
+    result = cli.run_main([*args[2:], *extra], cwd=cwd, devices=devices, timeout=timeout)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{command} {' '.join(extra)} exited {result.returncode}:\n{output[-3000:]}"
     assert "Traceback" not in output, output[-3000:]
@@ -187,9 +185,8 @@ def test_unusable_checkpoint_is_one_line_and_no_traceback(quickstart, case, tmp_
             if f.is_file() and "metadata" not in f.name:
                 f.unlink()
         checkpoint = run / "checkpoints"
-    args = [sys.executable, str(ROOT / "main.py"), "+run=evaluate", f"checkpoint={checkpoint}", *extra]
-    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env=cli.env(8))
+    result = cli.run_main(["+run=evaluate", f"checkpoint={checkpoint}", *extra], cwd=tmp_path, devices=8,
+                          timeout=300)
     assert result.returncode != 0
     assert "Traceback" not in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

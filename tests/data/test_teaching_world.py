@@ -6,8 +6,6 @@ from __future__ import annotations
 import collections
 import pathlib
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -69,11 +67,11 @@ def trained_student(tmp_path_factory):
     """The quickstart's student, trained by the framework's SFT on the world's traces
     (configs/quickstart/student.yaml as it is), run as a user runs it. With 200 steps its
     arithmetic was so rough that whether the right hint's gain reached 0.25 depended on float
-    rounding. A child process, so its 300 steps compile with XLA's defaults (tests/cli.py)."""
+    rounding. A `python main.py` child (tests/cli.py run_main), so its 300 steps compile with
+    XLA's defaults (tests/cli.py)."""
     out = tmp_path_factory.mktemp("student")
     overrides = ["+run=teacher_sft", "+quickstart=student", "trainer.report_to=[]", f"output_dir={out}"]
-    done = subprocess.run([sys.executable, "main.py", *overrides], cwd=ROOT, env=cli.env(1, long_run=True),
-                          capture_output=True, text=True, timeout=1200)
+    done = cli.run_main(overrides, cwd=ROOT, env_extra={"XLA_FLAGS": cli.xla_flags(1, long_run=True)}, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return from_pretrained(str(out / "hf")), load_tokenizer(compose(overrides).model)
 
