@@ -102,8 +102,9 @@ def run(cfg: TrainConfig, mesh) -> dict:
 
 def prepare(cfg: TrainConfig, mesh, *, total_steps: int, stop_tokens: int = 1) -> tuple[setup.AbstractRun, Any, dict]:
     """(the run's shapes, its GRPO update step, the programs memory.report compiles: the update
-    on the longest rows a rollout can make, and the policy's sampling program for a rollout's
-    prompts, `stop_tokens` EOS ids); nothing is allocated, so a dry run calls this alone."""
+    on the longest rows a rollout can make, the policy's sampling program for a rollout's
+    prompts, `stop_tokens` EOS ids, and its decode once half the rows have finished); nothing
+    is allocated, so a dry run calls this alone."""
     t, b = cfg.trainer, cfg.batch
     shapes = setup.abstract_run(cfg, mesh, total_steps=total_steps,
                                 abstract_state=functools.partial(abstract_rl_state, with_ref=_with_ref(cfg)))
@@ -132,12 +133,15 @@ def prepare(cfg: TrainConfig, mesh, *, total_steps: int, stop_tokens: int = 1) -
     if t.num_iterations > 1:
         extras["old_logp"] = sds((R, W), jnp.float32)
     sampler_model = nnx.merge(shapes.graphdef, lora.full_params(shapes.state.params, shapes.frozen))
-    generation = sampler.abstract_call(
-        sampler_model, mesh, prompts=B // t.num_generations * t.generation_aggregation_steps, prompt_length=prompt,
-        max_new_tokens=completion, num_samples=t.num_generations, sort=t.top_k > 0 or t.top_p < 1.0,
-        stop_tokens=stop_tokens)
-    return shapes, update, {"update step": (update.jitted, (shapes.state, batch, extras, shapes.frozen)),
-                            "generation": generation}
+    sampling = dict(prompts=B // t.num_generations * t.generation_aggregation_steps, prompt_length=prompt,
+                    max_new_tokens=completion, num_samples=t.num_generations, sort=t.top_k > 0 or t.top_p < 1.0,
+                    stop_tokens=stop_tokens)
+    programs = {"update step": (update.jitted, (shapes.state, batch, extras, shapes.frozen)),
+                "generation": sampler.abstract_call(sampler_model, mesh, **sampling)}
+    shrunk = sampler.abstract_continue(sampler_model, mesh, **sampling) if stop_tokens else None
+    if shrunk is not None:  # the decode goes on with half the rows: both batches' caches live at once
+        programs["shrunk decode"] = shrunk
+    return shapes, update, programs
 
 
 def abstract_rl_state(params, optimizer, mesh, *, with_ref: bool):

@@ -136,12 +136,12 @@ def test_logit_bias_is_traced_checked_and_shortens_completions(tiny):
     ids, mask = _prompts()
     ids = ids % 64
     eos = 7
-    plain = generate(tiny, ids, mask, max_new_tokens=12, temperature=1.0, seed=2, eos_token_id=eos, num_samples=8)
+    # one program: no batch shrinks as rows finish (those programs: test_dropping_finished_rows...)
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=2, eos_token_id=eos, num_samples=8, drop_finished=False)
+    plain = generate(tiny, ids, mask, **kw)
     before = TRACES["count"]
-    zero = generate(tiny, ids, mask, max_new_tokens=12, temperature=1.0, seed=2, eos_token_id=eos, num_samples=8,
-                    logit_bias={eos: 0.0})
-    sooner = generate(tiny, ids, mask, max_new_tokens=12, temperature=1.0, seed=2, eos_token_id=eos, num_samples=8,
-                      logit_bias={eos: 3.0})
+    zero = generate(tiny, ids, mask, **kw, logit_bias={eos: 0.0})
+    sooner = generate(tiny, ids, mask, **kw, logit_bias={eos: 3.0})
     assert TRACES["count"] == before  # the bias is an argument of the program, not a constant
     for name in ("tokens", "logprobs", "lengths"):
         np.testing.assert_array_equal(np.asarray(getattr(zero, name)), np.asarray(getattr(plain, name)))
@@ -197,3 +197,75 @@ def test_long_budgets_decode_in_segments_like_a_full_forward(tiny):
     sharded = init_model(tiny.config, mesh=mesh, seed=0)
     single = np.asarray(generate(tiny, ids, mask, max_new_tokens=new).tokens)
     np.testing.assert_array_equal(np.asarray(generate(sharded, ids, mask, max_new_tokens=new).tokens), single)
+
+
+@pytest.mark.parametrize("new", [12, 300])
+def test_dropping_finished_rows_changes_no_token(tiny, new, monkeypatch):
+    """Rows that emitted EOS leave the batch once half of it has finished (drop_finished): the
+    tokens and lengths are those of a batch that carries every row to the end, the logprobs
+    equal up to float rounding (the batch size changes XLA's blocking), on 1 and 8 devices,
+    within one segment (12) and across the segments of a growing cache (300)."""
+    from atlas_jax.generation import sampler
+
+    continued = []
+    jitted = sampler._continue
+
+    def recording(*args, **kwargs):
+        continued.append(kwargs["rows"])
+        return jitted(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "_continue", recording)
+    ids, mask = _prompts()
+    ids = ids % 64
+    kw = dict(max_new_tokens=new, temperature=1.0, seed=2, eos_token_id=7, num_samples=8,
+              logit_bias={7: 2.5 if new < 100 else 0.5})
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    for model in (tiny, init_model(tiny.config, mesh=mesh, seed=0)):
+        kept = generate(model, ids, mask, drop_finished=False, **kw)
+        assert not continued
+        dropped = generate(model, ids, mask, **kw)
+        assert continued and continued == sorted(continued, reverse=True) and continued[0] <= 16, continued
+        lengths = np.asarray(kept.lengths)
+        assert lengths.min() < new // 2 and lengths.max() > new // 2  # a spread worth dropping rows for
+        np.testing.assert_array_equal(np.asarray(dropped.tokens), np.asarray(kept.tokens))
+        np.testing.assert_array_equal(np.asarray(dropped.lengths), lengths)
+        np.testing.assert_allclose(np.asarray(dropped.logprobs), np.asarray(kept.logprobs), atol=1e-6)
+        before, calls = TRACES["count"], len(continued)
+        again = generate(model, ids, mask, **kw)
+        assert TRACES["count"] == before and len(continued) == 2 * calls  # same shapes: no new programs
+        np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(dropped.tokens))
+        continued.clear()
+
+
+def test_the_plan_of_the_shrunk_decode_is_the_one_that_runs(tiny, monkeypatch):
+    """abstract_continue (what memory.report compiles for RL runs) lowers the first `_continue`
+    a generate call of those shapes makes: same static arguments, same memory."""
+    from atlas_jax import memory
+    from atlas_jax.generation import sampler
+
+    calls = []
+    jitted = sampler._continue
+
+    def recording(*args, **kwargs):
+        def abstract(x):  # uncommitted scalars (placed by jit wherever the mesh is) stay unplaced
+            committed = getattr(x, "committed", False)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if committed else None)
+
+        calls.append(((args[0], *jax.tree.map(abstract, args[1:])), kwargs))
+        return jitted(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "_continue", recording)
+    ids, mask = _prompts()
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    sharded = init_model(tiny.config, mesh=mesh, seed=0)
+    generate(sharded, ids % 64, mask, max_new_tokens=12, temperature=1.0, seed=2, eos_token_id=7, num_samples=8,
+             logit_bias={7: 2.0})
+    program, args, kwargs = sampler.abstract_continue(sharded, mesh, prompts=3, prompt_length=7, max_new_tokens=12,
+                                                      num_samples=8, sort=False)
+    ran_args, ran_kwargs = calls[0]
+    assert program is recording and kwargs == ran_kwargs and kwargs["rows"] == 16
+    planned = memory.ProgramMemory.of(jitted.lower(*args, **kwargs).compile())
+    ran = memory.ProgramMemory.of(jitted.lower(*ran_args, **ran_kwargs).compile())
+    assert abs(planned.peak - ran.peak) <= 0.1 * ran.peak, (planned, ran)
+    assert sampler.abstract_continue(sharded, mesh, prompts=1, prompt_length=7, max_new_tokens=12, num_samples=2,
+                                     sort=False) is None  # 4 prompts (dp 4) x 2 = 8 rows: too few to shrink
