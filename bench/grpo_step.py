@@ -1,32 +1,43 @@
-"""One GRPO step (rollout + update) of ours against TRL's GRPOTrainer, same model and shapes.
+"""One GRPO step (rollout + update) of ours against TRL's GRPOTrainer and Tunix's GRPOLearner,
+same model and shapes.
 
     python bench/grpo_step.py [--models tiny qwen3_33m --prompts 4 --G 8 --prompt-len 64 --new 64 --steps 3]
     python bench/grpo_step.py --threads 1    # one thread each: steadier on a shared, busy CPU host
     python bench/grpo_step.py --threads 1 --lengths varied   # completions end at an EOS, lengths spread
+    bash bench/peers/setup_tunix.sh   # once: Tunix in its own venv, for the "Tunix GRPO" rows
 
 Ours: `generation.generate` (G samples per prompt, one prefill), `rl.rollout.training_batch`,
 reference log-probs (beta 0.04), `rl.policy.make_grpo_loss` on `train.step.make_train_step`,
 on one CPU device. TRL: `GRPOTrainer` (PyTorch, CPU) on the same architecture built from
 transformers' Qwen3Config with random weights, same G, prompts, lengths, temperature, beta
-and learning rate. With --lengths fixed (the default) every completion runs the full budget
-(no EOS: ours eos_token_id=None, TRL min_new_tokens), so both process the same tokens. With
---lengths varied both stop at the tokenizer's EOS, whose logit gets the same --eos-bias in
-both samplers (ours `logit_bias`, transformers' `sequence_bias` through TRL's
-generation_kwargs), so lengths spread the same way; each side's length histogram is
-printed. The reward is the share of even token ids (any cheap host reward; it only has to
-vary within a group).
+and learning rate. Tunix (Google's JAX RL library, `google-tunix`): bench/peers/tunix_grpo.py run
+in its own venv (bench/peers/tunix-venv; its pins conflict with ours) as a subprocess, with
+Tunix's own Qwen3 (tunix.models.qwen3) built from the same config with random weights,
+`GRPOLearner` on an `RLCluster` with its vanilla sampler for rollout, the same G, prompt ids,
+lengths, temperature, beta and learning rate; that script's docstring says how it is wired.
+With --lengths fixed (the default) every completion runs the full budget (no EOS: ours
+eos_token_id=None, TRL min_new_tokens, Tunix a stop id the model cannot emit), so all process
+the same tokens. With --lengths varied all stop at the tokenizer's EOS, whose logit
+gets the same --eos-bias in every sampler (ours `logit_bias`, transformers' `sequence_bias`
+through TRL's generation_kwargs, Tunix a wrap of its sampler's logits-to-token step, which has
+no bias hook), so lengths spread the same way; each side's length histogram is printed. The
+reward is the share of even token ids (any cheap host reward; it only has to vary within a
+group).
 
 rollout = sampling + reward + reference log-probs; update = the optimizer step. Steady-state
-times are the median over --steps steps after a first one; for ours the first step's excess
-over steady state is reported as compile time. TRL is a bench-only dependency
-(`pip install trl`); without it only our rows are printed.
+times are the median over --steps steps after a first one; for ours and Tunix (both JAX) the
+first step's excess over steady state is reported as compile time. TRL is a bench-only
+dependency (`pip install trl`) and Tunix a bench-only venv (bash bench/peers/setup_tunix.sh);
+without one, its rows are left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +45,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
+TUNIX_PYTHON = os.path.join(PEERS, "tunix-venv", "bin", "python")
 
 BETA, TEMPERATURE, LR = 0.04, 0.7, 1e-6
 
@@ -80,7 +93,7 @@ def ours(preset: str, args) -> dict:
     def rollout(state, seed):
         out = generate(nnx.merge(graphdef, state.params), jnp.asarray(ids_PT), jnp.asarray(mask_PT),
                        max_new_tokens=args.new, temperature=t.temperature, eos_token_id=eos, seed=seed,
-                       num_samples=G, mesh=mesh, logit_bias=bias)
+                       num_samples=G, mesh=mesh, logit_bias=bias, drop_finished=args.drop_finished == "true")
         tokens, logprobs, lengths = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths))
         lengths_seen.extend(lengths.tolist())
         ended = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)] == (-1 if eos is None else eos)
@@ -201,6 +214,32 @@ def trl_step(preset: str, args) -> dict:
     return row
 
 
+def tunix_step(preset: str, args) -> dict:
+    """Tunix's GRPOLearner on the same config, in bench/peers/tunix-venv (bench/peers/tunix_grpo.py)."""
+    from atlas_jax.config import compose
+
+    m = compose(["+run=grpo", f"model={preset}"]).model
+    eos = (eos_id(m), eos_bias(args, m)) if args.lengths == "varied" else (-1, 0.0)
+    command = [TUNIX_PYTHON, os.path.join(PEERS, "tunix_grpo.py"), "--mode", "grpo",
+               "--vocab-size", m.vocab_size, "--hidden-size", m.hidden_size,
+               "--intermediate-size", m.intermediate_size, "--num-layers", m.num_hidden_layers,
+               "--num-heads", m.num_attention_heads, "--num-kv-heads", m.num_key_value_heads,
+               "--head-dim", m.resolved_head_dim, "--rope-theta", m.rope_theta, "--rms-norm-eps", m.rms_norm_eps,
+               "--tie-word-embeddings", m.tie_word_embeddings, "--prompts", args.prompts, "--G", args.G,
+               "--prompt-len", args.prompt_len, "--new", args.new, "--steps", args.steps,
+               "--eos-id", eos[0], "--eos-bias", eos[1], "--temperature", TEMPERATURE, "--beta", BETA,
+               "--lr", LR, "--threads", args.threads]
+    done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("JSON ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"tunix_grpo.py exited {done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}")
+    r = json.loads(lines[-1][len("JSON "):])
+    row = {k: r[k] for k in ("rollout_s", "update_s", "completions_per_s", "first_step_s")}  # as summary()
+    row["compile_s"] = r["first_step_s"] - r["rollout_s"] - r["update_s"]  # as ours: first step's excess
+    row["lengths"], row["update_rows"], row["prompt_tokens"] = r["lengths"], None, args.prompt_len
+    return row
+
+
 def text_of_length(tokenizer, rng, n: int, tries: int = 100) -> str:
     """Random text that re-tokenizes to n tokens (decoding merges some ids), else the closest."""
     best = ""
@@ -230,7 +269,7 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
-    parser.add_argument("--impls", nargs="+", default=["atlas_jax", "trl"])
+    parser.add_argument("--impls", nargs="+", default=["atlas_jax", "trl", "tunix"])
     parser.add_argument("--lengths", choices=("fixed", "varied"), default="fixed",
                         help="fixed: every completion runs the budget; varied: they end at a biased EOS")
     parser.add_argument("--eos-bias", type=float, default=None,
@@ -238,6 +277,8 @@ def main():
                              "near a third of the budget)")
     parser.add_argument("--padding-free", choices=("true", "false"), default="true",
                         help="ours: pack the rollout's rows for the update (trainer.padding_free)")
+    parser.add_argument("--drop-finished", choices=("true", "false"), default="true",
+                        help="ours: finished rows leave the decode batch (generate's drop_finished)")
     parser.add_argument("--threads", type=int, default=0,
                         help="1: one CPU thread for both (XLA without Eigen threads, torch 1 thread); "
                              "on a shared, busy host PyTorch's OpenMP threads stall each other badly")
@@ -248,7 +289,10 @@ def main():
                                    " intra_op_parallelism_threads=1").strip()
     have_trl = importlib.util.find_spec("trl") is not None
     if not have_trl:
-        print("trl is not installed (pip install trl): printing atlas_jax rows only", flush=True)
+        print("trl is not installed (pip install trl): no TRL rows", flush=True)
+    have_tunix = os.path.exists(TUNIX_PYTHON)
+    if not have_tunix and "tunix" in args.impls:
+        print("Tunix: not set up (bash bench/peers/setup_tunix.sh)", flush=True)
 
     print(f"GRPO step: {args.prompts} prompts x G={args.G} = {args.prompts * args.G} completions, "
           f"prompt {args.prompt_len} tokens, {args.new} new tokens "
@@ -262,6 +306,9 @@ def main():
         if have_trl and "trl" in args.impls:
             rows.append((preset, "TRL GRPOTrainer", trl_step(preset, args)))
             print(f"  done: {preset} TRL", flush=True)
+        if have_tunix and "tunix" in args.impls:
+            rows.append((preset, "Tunix GRPO", tunix_step(preset, args)))
+            print(f"  done: {preset} Tunix", flush=True)
     head = f"{'model':<10} {'impl':<16} {'rollout s':>10} {'update s':>9} {'compl/s':>8} {'1st step s':>11} {'compile s':>10}"
     print(head)
     print("-" * len(head))
@@ -278,13 +325,14 @@ def main():
         if r["update_rows"]:
             print(f"  {preset:<10} {impl:<16} update rows x width, step by step: {' '.join(r['update_rows'])}")
     for preset in args.models:
-        mine = next((r for p, i, r in rows if p == preset and i == "atlas_jax"), None)
-        theirs = next((r for p, i, r in rows if p == preset and i != "atlas_jax"), None)
-        if mine and theirs:
+        mine, trl, tunix = (next((r for p, i, r in rows if p == preset and i == impl), None)
+                            for impl in ("atlas_jax", "TRL GRPOTrainer", "Tunix GRPO"))
+        parts = [f"{mine['completions_per_s'] / r['completions_per_s']:.2f}x {name}"
+                 for name, r in (("TRL", trl), ("Tunix", tunix)) if mine and r]
+        if parts:
             label = f"{preset} varied lengths" if args.lengths == "varied" else preset
-            print(f"{label}: atlas_jax {mine['completions_per_s'] / theirs['completions_per_s']:.2f}x TRL "
-                  f"completions/s (TRL prompts averaged {theirs['prompt_tokens']:.0f} tokens); "
-                  f"Tunix: not set up (bench/peers has no Tunix environment yet)")
+            note = f" (TRL prompts averaged {trl['prompt_tokens']:.0f} tokens)" if trl else ""
+            print(f"{label}: atlas_jax {', '.join(parts)} completions/s{note}")
 
 
 def histogram(lengths, budget: int) -> str:
