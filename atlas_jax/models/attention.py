@@ -27,6 +27,8 @@ Every path gives each query row a softmax over all its keys, so they agree to ro
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -69,13 +71,51 @@ def _whole_as_batched_matmuls(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
     G = N // K
     q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     k_BKSH, v_BKSH = jnp.swapaxes(k_BSKH, 1, 2), jnp.swapaxes(v_BSKH, 1, 2)
-    scores_BKQS = jnp.einsum("BKQH,BKSH->BKQS", q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
-    scores_BKQS = scores_BKQS * jnp.float32(scale)
     mask_B1QS = jnp.broadcast_to(mask_BTS[:, None, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
-    scores_BKQS = jnp.where(mask_B1QS, scores_BKQS, -0.7 * jnp.finfo(jnp.float32).max)
-    probs_BKQS = jax.nn.softmax(scores_BKQS, axis=-1).astype(v_BSKH.dtype)
-    out_BKQH = jnp.einsum("BKQS,BKSH->BKQH", probs_BKQS, v_BKSH)
+    out_BKQH = _softmax_attention(q_BKQH, k_BKSH, v_BKSH, mask_B1QS, scale)
     return out_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention(q_BKQH, k_BKSH, v_BKSH, mask_B1QS, scale):
+    """softmax(q k^T * scale, masked) v over [B, K]-batched matmuls, with the backward pass
+    written out (below): autodiff's passes over the Q x S scores (the softmax's sums and
+    broadcasts, a divide, their transposes) cost XLA:CPU more than the four matmuls did."""
+    return _softmax_attention_fwd(q_BKQH, k_BKSH, v_BKSH, mask_B1QS, scale)[0]
+
+
+def _softmax_attention_fwd(q_BKQH, k_BKSH, v_BKSH, mask_B1QS, scale):
+    # the probabilities stay unnormalised (exp(s - max)); the output's rows are divided by
+    # their sums instead, Q x H values rather than Q x S
+    scores_BKQS = jnp.einsum("BKQH,BKSH->BKQS", q_BKQH, k_BKSH, preferred_element_type=jnp.float32)
+    scores_BKQS = jnp.where(mask_B1QS, scores_BKQS * jnp.float32(scale), -0.7 * jnp.finfo(jnp.float32).max)
+    exp_BKQS = jnp.exp(scores_BKQS - jnp.max(scores_BKQS, axis=-1, keepdims=True)).astype(v_BKSH.dtype)
+    inv_sum_BKQ = 1.0 / jnp.sum(exp_BKQS.astype(jnp.float32), axis=-1)
+    out_BKQH = jnp.einsum("BKQS,BKSH->BKQH", exp_BKQS, v_BKSH, preferred_element_type=jnp.float32)
+    out_BKQH = (out_BKQH * inv_sum_BKQ[..., None]).astype(v_BKSH.dtype)
+    return out_BKQH, (q_BKQH, k_BKSH, v_BKSH, mask_B1QS, exp_BKQS, inv_sum_BKQ, out_BKQH)
+
+
+def _softmax_attention_bwd(scale, residuals, dout_BKQH):
+    """With P = exp / sum: dV = P^T dO, dS = P (dO V^T - rowsum(dO O)) scale, dQ = dS K,
+    dK = dS^T Q (rowsum(dO O) equals softmax's rowsum(P dP) over H values instead of S)."""
+    q_BKQH, k_BKSH, v_BKSH, mask_B1QS, exp_BKQS, inv_sum_BKQ, out_BKQH = residuals
+    dout_BKQH = dout_BKQH.astype(jnp.float32)
+    dv_BKSH = jnp.einsum("BKQS,BKQH->BKSH", exp_BKQS, (dout_BKQH * inv_sum_BKQ[..., None]).astype(exp_BKQS.dtype),
+                         preferred_element_type=jnp.float32)
+    dprobs_BKQS = jnp.einsum("BKQH,BKSH->BKQS", dout_BKQH.astype(v_BKSH.dtype), v_BKSH,
+                             preferred_element_type=jnp.float32)
+    rowsum_BKQ = jnp.sum(dout_BKQH * out_BKQH.astype(jnp.float32), axis=-1)
+    # masked scores are constants (a row with no visible key is uniform over them all)
+    dscores_BKQS = jnp.where(mask_B1QS, exp_BKQS.astype(jnp.float32) * (inv_sum_BKQ * jnp.float32(scale))[..., None]
+                             * (dprobs_BKQS - rowsum_BKQ[..., None]), 0.0).astype(q_BKQH.dtype)
+    dq_BKQH = jnp.einsum("BKQS,BKSH->BKQH", dscores_BKQS, k_BKSH, preferred_element_type=jnp.float32)
+    dk_BKSH = jnp.einsum("BKQS,BKQH->BKSH", dscores_BKQS, q_BKQH, preferred_element_type=jnp.float32)
+    cotangents = (dq_BKQH.astype(q_BKQH.dtype), dk_BKSH.astype(k_BKSH.dtype), dv_BKSH.astype(v_BKSH.dtype))
+    return (*cotangents, None)
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def _in_query_blocks(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):

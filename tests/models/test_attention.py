@@ -71,3 +71,25 @@ def test_training_attention_in_query_blocks_keeps_loss_and_gradients(monkeypatch
     np.testing.assert_allclose(blocked[0], whole[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(blocked[1]), jax.tree.leaves(whole[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_training_attention_gradients_equal_the_library_call():
+    """The CPU training path writes its backward pass out (attention._softmax_attention):
+    values and q/k/v gradients as jax.nn.dot_product_attention's autodiff, rows that see no
+    key (padding-only rows: uniform over masked scores) included."""
+    q, k, v, mask = _qkv_mask(T=64, S=64)
+    mask = mask.at[1, 7].set(False)  # a row with no visible key
+    w = jnp.asarray(np.random.default_rng(5).normal(size=q.shape), jnp.float32)
+    assert jax.default_backend() == "cpu"
+
+    def loss(attn):
+        return lambda q, k, v: jnp.sum(attn(q, k, v) * w)
+
+    ours = jax.jit(jax.value_and_grad(loss(lambda *a: attention.attend(*a, mask, cached=False)), argnums=(0, 1, 2)))
+    ref = jax.value_and_grad(loss(lambda *a: _whole(*a, mask)), argnums=(0, 1, 2))
+    (got, got_grads), (want, want_grads) = ours(q, k, v), ref(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-4)  # a sum over 4096 products of O(1)
+    out = jax.jit(lambda *a: attention.attend(*a, mask, cached=False))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(_whole(q, k, v, mask)), atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
