@@ -34,13 +34,15 @@ def next_token_scores(model, batch, score: Callable, *, chunk: int = CHUNK_T, dr
 
     `score(logits_BcV, targets_Bc)` returns one [B, c] array or a tuple of them; it sees float32
     logits `chunk` positions at a time, and each chunk's logits are recomputed in the backward
-    pass instead of stored. Per-row `dropout_keys_B` turn on LoRA dropout (training updates only).
+    pass instead of stored. A batch of at most `chunk` positions is one chunk: the backward
+    pass then keeps its logits, since recomputing them would hold as many at once. Per-row `dropout_keys_B` turn on LoRA dropout (training updates only).
     """
     x_BTD = model.hidden_states(batch.tokens, positions_BT=batch.positions, segment_ids_BT=batch.segment_ids,
                                 dropout_keys_B=dropout_keys_B)
     targets_BT, mask_BT = next_token_targets(batch)
     B, T, D = x_BTD.shape
-    chunk = min(chunk, T)
+    if T <= chunk:  # one chunk: its logits are held once either way, so nothing is recomputed
+        return score(model.logits(x_BTD), targets_BT), mask_BT
     pad = -T % chunk
     C = (T + pad) // chunk
     x_CBcD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, C, chunk, D).swapaxes(0, 1)
