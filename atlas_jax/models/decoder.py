@@ -115,11 +115,14 @@ def rope_frequencies(cfg: ModelConfig) -> jax.Array:
 
 
 def apply_rope(x_BTNH, cos_BTH, sin_BTH):
-    """Rotate-half RoPE (the HF layout: first and second halves of head_dim pair up)."""
+    """Rotate-half RoPE (the HF layout: first and second halves of head_dim pair up).
+
+    Written as a split and a concatenate, each the other's transpose: the gradient is one
+    pass, where slicing the halves made it zero-padded copies summed."""
     half = x_BTNH.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
-    cos, sin = cos_BTH[:, :, None].astype(x_BTNH.dtype), sin_BTH[:, :, None].astype(x_BTNH.dtype)
-    return x_BTNH * cos + rotated * sin
+    x1_BTNh, x2_BTNh = jnp.split(x_BTNH, 2, axis=-1)
+    cos, sin = (a[:, :, None, :half].astype(x_BTNH.dtype) for a in (cos_BTH, sin_BTH))
+    return jnp.concatenate([x1_BTNh * cos - x2_BTNh * sin, x2_BTNh * cos + x1_BTNh * sin], axis=-1)
 
 
 class DecoderLayers(nnx.Module):
@@ -152,7 +155,11 @@ class DecoderLayers(nnx.Module):
         """Each layer's raw variables, sliced out of the stack: a decode loop takes them once,
         outside the loop, since XLA materialises a slice (a copy) every time one is taken."""
         params = {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
-        return [jax.tree.map(lambda a: parallel.on_device(a[l]), params) for l in range(self.input_norm.shape[0])]
+        # one split per weight: its gradient is one concatenate, where L slices' gradients
+        # were L zero-padded stacks summed
+        layers = {name: [parallel.on_device(piece.reshape(piece.shape[1:])) for piece in jnp.split(a, a.shape[0])]
+                  for name, a in params.items()}
+        return [{name: pieces[l] for name, pieces in layers.items()} for l in range(self.input_norm.shape[0])]
 
     def __call__(self, cfg, x_BTD, cos_BTH, sin_BTH, mask_BTS, cache: Optional[KVCache], layer_params=None,
                  dropout_keys_B=None):
