@@ -163,6 +163,13 @@ def on_device(x):
     return jax.device_put(x, jax.memory.Space.Device) if in_host_memory(x) else x
 
 
+# XLA options for the model's big programs (update steps, log-prob and eval passes), passed
+# to their jax.jit. XLA:CPU's concurrency-optimised scheduler runs independent thunks side by
+# side, each a matmul wanting every core: on 2 cores the SFT step ran 3-18% slower with it
+# (bench/sft_step.py, 3 interleaved pairs). Other backends do not read xla_cpu_ options.
+COMPILER_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

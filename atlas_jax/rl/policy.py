@@ -83,7 +83,8 @@ def make_logprob_fn(graphdef: nnx.GraphDef, mesh: Mesh, shardings, temperature: 
         return logp_ABT.swapaxes(0, 1).reshape(A * b, T)
 
     data = NamedSharding(mesh, P(parallel.DATA_AXES))
-    return jax.jit(logprobs, in_shardings=(shardings, data), out_shardings=data)
+    return jax.jit(logprobs, in_shardings=(shardings, data), out_shardings=data,
+                   compiler_options=parallel.COMPILER_OPTIONS)
 
 
 def make_ref_mixup(params_shardings) -> Callable:

@@ -46,7 +46,8 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, params_shardings) -> Call
         return {"nll_sum": nll, "loss_tokens": tokens}
 
     data = NamedSharding(mesh, P(parallel.DATA_AXES))
-    return jax.jit(eval_step, in_shardings=(params_shardings, data), out_shardings=parallel.replicated(mesh))
+    return jax.jit(eval_step, in_shardings=(params_shardings, data), out_shardings=parallel.replicated(mesh),
+                   compiler_options=parallel.COMPILER_OPTIONS)
 
 
 def evaluate(eval_step: Callable, params, batches) -> dict:

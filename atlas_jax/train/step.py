@@ -124,7 +124,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
     data = NamedSharding(mesh, P(parallel.DATA_AXES))
     jitted = jax.jit(step, in_shardings=(state_shardings, data, data, frozen_shardings),
-                     out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+                     out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0,
+                     compiler_options=parallel.COMPILER_OPTIONS)
 
     def train_step(state: TrainState, batch, extras=None):
         return jitted(state, batch, extras, frozen)
