@@ -1,6 +1,8 @@
-"""Decode throughput of `generate` against transformers' PyTorch `generate`, and roofline.
+"""Decode throughput of `generate` against transformers' PyTorch `generate`, Tunix's vanilla
+sampler, and the roofline.
 
     python bench/generate.py [--batch 8 --prompt 32 --new 64 --reps 5]
+    bash bench/peers/setup_tunix.sh   # once: Tunix in its own venv, for the "Tunix" rows
 
 Same Qwen3 config for both (hidden 512, 8 layers, 8 heads / 4 kv heads, vocab 8192),
 random weights, greedy, float32, every row forced to run the full budget (no EOS).
@@ -12,6 +14,14 @@ measured the same way, interleaved in one process, keeping the best of --reps pe
 (the machine's cores are shared: interference only ever adds time; the difference of two
 budgets' medians, this bench's first method, moved by 40% between runs). Compile time is
 reported apart.
+
+Tunix (Google's JAX RL library, google-tunix, in bench/peers/tunix-venv: its pins conflict
+with ours): bench/peers/tunix_grpo.py --mode generate runs its `generate.sampler.Sampler` on
+Tunix's own Qwen3 built from the same config with random weights, as a subprocess, greedy,
+the same batch, prompt length and budgets, every row the full budget, best of --reps calls
+per budget, and its decode rate comes from the same fit. It runs between two halves of our
+and PyTorch's reps, so the three see the same stretch of the machine; without the venv its
+rows are left out (--skip-tunix leaves them out too).
 
 Roofline: a decode step must read every weight once (the tied embedding table in full,
 for the logits) and the K/V of the filled cache prefix; tokens/s <= batch x bandwidth /
@@ -27,13 +37,17 @@ XLA's dot kernels reach on this machine, so the rest of the step is what it adds
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
+TUNIX_PYTHON = os.path.join(PEERS, "tunix-venv", "bin", "python")
 QWEN3_BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                    num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True)
 
@@ -117,6 +131,24 @@ def pytorch(batch: int, prompt: int):
     return run
 
 
+def tunix(batch: int, prompt: int, budgets: list, reps: int) -> dict:
+    """Tunix's vanilla sampler in its venv (bench/peers/tunix_grpo.py --mode generate):
+    {"best_s": {budget: seconds}, "first_call_s": {...}, "tunix_version": ...}."""
+    c = QWEN3_BENCH
+    cmd = [TUNIX_PYTHON, os.path.join(PEERS, "tunix_grpo.py"), "--mode", "generate",
+           "--vocab-size", str(c["vocab_size"]), "--hidden-size", str(c["hidden_size"]),
+           "--intermediate-size", str(c["intermediate_size"]), "--num-layers", str(c["num_hidden_layers"]),
+           "--num-heads", str(c["num_attention_heads"]), "--num-kv-heads", str(c["num_key_value_heads"]),
+           "--head-dim", str(c["head_dim"]), "--rope-theta", "1000000", "--tie-word-embeddings", "true",
+           "--prompts", str(batch), "--G", "1", "--prompt-len", str(prompt),
+           "--budgets", ",".join(map(str, budgets)), "--steps", str(reps)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("JSON ")]
+    if done.returncode or not lines:
+        raise SystemExit(f"Tunix sampler run failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return json.loads(lines[-1][5:])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
@@ -124,6 +156,7 @@ def main():
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--skip-tunix", action="store_true")
     args = parser.parse_args()
     import jax
 
@@ -145,7 +178,11 @@ def main():
     # bandwidth before and after the timed runs, not between them: freeing its 1 GiB array
     # hands pages back to the OS, and the next generate call's buffers would fault them in
     bw1, bwn = [read_bandwidth(1, repeats=2)], [read_bandwidth(os.cpu_count() or 1, repeats=2)]
-    for _ in range(args.reps):  # interleaved: both see the same share of the machine
+    with_tunix = not args.skip_tunix and os.path.exists(TUNIX_PYTHON)
+    peer = None
+    for rep in range(args.reps):  # interleaved: both see the same share of the machine
+        if with_tunix and rep == args.reps // 2:  # Tunix's calls in the middle of ours
+            peer = tunix(B, args.prompt, budgets, args.reps)
         for name, n in t:
             t[name, n].append(runs[name](n))
     bw1.append(read_bandwidth(1, repeats=2))
@@ -181,6 +218,15 @@ def main():
                   f"atlas_jax / torch = {tps / torch_tps:.2f}x (target >= 1.6x)"),
                  ("transformers end-to-end tokens/s", f"{B * new / best['torch', new]:,.0f}",
                   f"atlas_jax / torch = {best['torch', new] / best['ours', new]:.2f}x")]
+    if peer:
+        tunix_best = {int(n): sec for n, sec in peer["best_s"].items()}
+        tunix_tps = B / np.polyfit(budgets, [tunix_best[n] for n in budgets], 1)[0]
+        rows += [(f"Tunix {peer['tunix_version']} decode tokens/s", f"{tunix_tps:,.0f}",
+                  f"atlas_jax / Tunix = {tps / tunix_tps:.2f}x (vanilla sampler)"),
+                 ("Tunix end-to-end tokens/s", f"{B * new / tunix_best[new]:,.0f}",
+                  f"atlas_jax / Tunix = {tunix_best[new] / best['ours', new]:.2f}x"),
+                 ("Tunix compile s (apart)", f"{peer['first_call_s'][str(new)] - tunix_best[new]:.1f}",
+                  "its decode loop compiles once per budget")]
     width = max(len(r[0]) for r in rows)
     print(f"batch {B}, prompt {args.prompt}, new tokens {new} (decode: slope over budgets {budgets}), "
           f"greedy, float32, best of {args.reps} interleaved reps; load average {os.getloadavg()[0]:.1f}")

@@ -46,13 +46,17 @@ the update (Tunix only enables async rollout on disaggregated meshes), so the tw
 step. Steady-state times are the median over --steps steps after a first one (the first step's
 time, compile included, is first_step_s).
 
-generate mode: only Tunix's vanilla sampler (`Sampler.__call__`) on P*G rows (each prompt
-repeated G times), greedy, no EOS (stop token vocab_size), full --new budget; one warm-up call,
-then the median of --steps calls.
+generate mode (bench/generate.py's "Tunix" rows): only Tunix's vanilla sampler
+(`Sampler.__call__`) on P*G rows (each prompt repeated G times), greedy (temperature 0), no EOS
+(stop token vocab_size), every row the full budget, for each budget in --budgets (default
+--new). Its decode loop is a jitted while_loop over buffers sized prompt + budget, so each
+budget compiles once: one warm-up call per budget, then --steps calls each, the budgets
+interleaved round by round, the best call per budget kept (as bench/generate.py times ours).
 
 The last stdout line is `JSON {...}`: grpo mode rollout_s, update_s, completions_per_s
 (= P*G / (rollout_s + update_s)), first_step_s, lengths (every step's), tunix_version;
-generate mode seconds, tokens_per_s, tunix_version.
+generate mode best_s ({budget: best seconds}), first_call_s ({budget: seconds of the warm-up
+call, compile included}), rows, tunix_version.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ def parse_args():
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--mode", choices=("grpo", "generate"), default="grpo")
+    p.add_argument("--budgets", default="", help="generate mode: comma-separated budgets (default --new)")
     p.add_argument("--threads", type=int, default=0, help="1: XLA without Eigen threads")
     return p.parse_args()
 
@@ -153,26 +158,34 @@ def run_generate(args, mesh):
     import jax
     from tunix.generate import sampler as sampler_lib
 
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else [args.new]
     model = build_model(args, mesh)
     tokenizer = IdTokenizer(eos=args.vocab_size)  # unreachable stop token: full budget
     sampler = sampler_lib.Sampler(model, tokenizer, sampler_lib.CacheConfig(
-        cache_size=args.prompt_len + args.new, num_layers=args.num_layers,
+        cache_size=args.prompt_len + max(budgets), num_layers=args.num_layers,
         num_kv_heads=args.num_kv_heads, head_dim=args.head_dim))
     patch_sampler(sampler, -1, 0.0, tokenizer.pad_id())
     prompts = [p for p in prompt_texts(args) for _ in range(args.G)]
-    times = []
+
+    def call(n):
+        start = time.perf_counter()
+        out = sampler(prompts, max_generation_steps=n, max_prompt_length=args.prompt_len,
+                      temperature=0.0, eos_tokens=[args.vocab_size])
+        jax.block_until_ready(out.tokens)
+        seconds = time.perf_counter() - start
+        lengths = [len(t) for t in out.tokens]
+        if any(length != n for length in lengths):
+            raise RuntimeError(f"budget {n}: completions of lengths {sorted(set(lengths))}, expected all {n}")
+        return seconds
+
     with mesh:
-        for _ in range(args.steps + 1):
-            start = time.perf_counter()
-            out = sampler(prompts, max_generation_steps=args.new, max_prompt_length=args.prompt_len,
-                          temperature=0.0, eos_tokens=[args.vocab_size])
-            jax.block_until_ready(out.tokens)
-            times.append(time.perf_counter() - start)
-    lengths = [len(t) for t in out.tokens]
-    assert all(n == args.new for n in lengths), lengths
-    seconds = statistics.median(times[1:]) if len(times) > 1 else times[0]
-    return {"seconds": seconds, "tokens_per_s": len(prompts) * args.new / seconds,
-            "first_call_s": times[0]}
+        first = {n: call(n) for n in budgets}
+        times = {n: [] for n in budgets}
+        for _ in range(args.steps):
+            for n in budgets:
+                times[n].append(call(n))
+    return {"best_s": {str(n): min(t) for n, t in times.items()}, "first_call_s": {str(n): s for n, s in first.items()},
+            "rows": len(prompts)}
 
 
 def run_grpo(args, mesh):
