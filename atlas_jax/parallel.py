@@ -165,8 +165,9 @@ def on_device(x):
 
 # XLA options for the model's big programs (update steps, log-prob and eval passes), passed
 # to their jax.jit. XLA:CPU's concurrency-optimised scheduler runs independent thunks side by
-# side, each a matmul wanting every core: on 2 cores the SFT step ran 3-18% slower with it
-# (bench/sft_step.py, 3 interleaved pairs). Other backends do not read xla_cpu_ options.
+# side, each a matmul wanting every core: on 2 cores the qwen3_33m SFT step took 4.65-5.09 s
+# with it, 4.19-4.58 s without (bench/sft_step.py, 3 interleaved pairs run back to back, so
+# not on a quiet machine; 2026-12-07). Other backends do not read xla_cpu_ options.
 COMPILER_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
 
 

@@ -35,7 +35,8 @@ def next_token_scores(model, batch, score: Callable, *, chunk: int = CHUNK_T, dr
     `score(logits_BcV, targets_Bc)` returns one [B, c] array or a tuple of them; it sees float32
     logits `chunk` positions at a time, and each chunk's logits are recomputed in the backward
     pass instead of stored. A batch of at most `chunk` positions is one chunk: the backward
-    pass then keeps its logits, since recomputing them would hold as many at once. Per-row `dropout_keys_B` turn on LoRA dropout (training updates only).
+    pass then keeps its logits, since recomputing them would hold as many at once. Per-row
+    `dropout_keys_B` turn on LoRA dropout (training updates only).
     """
     x_BTD = model.hidden_states(batch.tokens, positions_BT=batch.positions, segment_ids_BT=batch.segment_ids,
                                 dropout_keys_B=dropout_keys_B)
