@@ -101,8 +101,7 @@ def _softmax_attention_bwd(scale, residuals, dout_BKQH):
     dK = dS^T Q (rowsum(dO O) equals softmax's rowsum(P dP) over H values instead of S)."""
     q_BKQH, k_BKSH, v_BKSH, mask_B1QS, exp_BKQS, inv_sum_BKQ, out_BKQH = residuals
     dout_BKQH = dout_BKQH.astype(jnp.float32)
-    dv_BKSH = jnp.einsum("BKQS,BKQH->BKSH", exp_BKQS, (dout_BKQH * inv_sum_BKQ[..., None]).astype(exp_BKQS.dtype),
-                         preferred_element_type=jnp.float32)
+    dv_BKSH = _keys_gradient(exp_BKQS, (dout_BKQH * inv_sum_BKQ[..., None]).astype(exp_BKQS.dtype))
     dprobs_BKQS = jnp.einsum("BKQH,BKSH->BKQS", dout_BKQH.astype(v_BKSH.dtype), v_BKSH,
                              preferred_element_type=jnp.float32)
     rowsum_BKQ = jnp.sum(dout_BKQH * out_BKQH.astype(jnp.float32), axis=-1)
@@ -110,9 +109,19 @@ def _softmax_attention_bwd(scale, residuals, dout_BKQH):
     dscores_BKQS = jnp.where(mask_B1QS, exp_BKQS.astype(jnp.float32) * (inv_sum_BKQ * jnp.float32(scale))[..., None]
                              * (dprobs_BKQS - rowsum_BKQ[..., None]), 0.0).astype(q_BKQH.dtype)
     dq_BKQH = jnp.einsum("BKQS,BKSH->BKQH", dscores_BKQS, k_BKSH, preferred_element_type=jnp.float32)
-    dk_BKSH = jnp.einsum("BKQS,BKQH->BKSH", dscores_BKQS, q_BKQH, preferred_element_type=jnp.float32)
+    dk_BKSH = _keys_gradient(dscores_BKQS, q_BKQH)
     cotangents = (dq_BKQH.astype(q_BKQH.dtype), dk_BKSH.astype(k_BKSH.dtype), dv_BKSH.astype(v_BKSH.dtype))
     return (*cotangents, None)
+
+
+def _keys_gradient(a_BKQS, b_BKQH):
+    """a^T b over the queries, [B, K, S, H] in float32, as (b^T a)^T: b^T (Q x H values, fewer than
+    a's Q x S) copied once, so the product contracts its left operand's last axis, the form
+    XLA:CPU sends to its fast matmul kernels. The barriers keep both transposes copies: folded
+    into the dot, they make it the slow form again."""
+    b_BKHQ = jax.lax.optimization_barrier(jnp.swapaxes(b_BKQH, 2, 3))
+    out_BKHS = jnp.einsum("BKHQ,BKQS->BKHS", b_BKHQ, a_BKQS, preferred_element_type=jnp.float32)
+    return jnp.swapaxes(jax.lax.optimization_barrier(out_BKHS), 2, 3)
 
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)

@@ -29,6 +29,7 @@ from atlas_jax import parallel
 from atlas_jax.config import ModelConfig
 from atlas_jax.models import lora, quant
 from atlas_jax.models.attention import attend
+from atlas_jax.models.matmul import dense
 
 # remat name (says what the backward pass keeps from each layer's forward) -> jax policy
 REMAT_POLICIES = {
@@ -297,13 +298,12 @@ class Decoder(nnx.Module):
         as in lora.project: its gradients need no transposed copy of the activations."""
         x_MD = x_BTD.astype(self.dtype).reshape(-1, x_BTD.shape[-1])
         if head_DV is not None:
-            contract, head = 0, head_DV
+            transposed, head = False, head_DV
         elif self.config.tie_word_embeddings:  # contract against the table as stored: no transpose copy
-            contract, head = 1, parallel.on_device(self.embed[...]).astype(self.dtype)
+            transposed, head = True, parallel.on_device(self.embed[...]).astype(self.dtype)
         else:
-            contract, head = 0, parallel.on_device(self.lm_head[...]).astype(self.dtype)
-        logits_MV = jax.lax.dot_general(x_MD, head, (((1,), (contract,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
+            transposed, head = False, parallel.on_device(self.lm_head[...]).astype(self.dtype)
+        logits_MV = dense(x_MD, head, transposed=transposed, out_dtype=jnp.float32)
         return logits_MV.reshape(*x_BTD.shape[:-1], logits_MV.shape[-1])
 
     def forward_with_cache(self, input_ids, cache: Optional[KVCache], *, attention_mask=None,

@@ -28,6 +28,7 @@ from flax import nnx
 from atlas_jax import parallel
 from atlas_jax.config import ConfigError, LoraConfig, ModelConfig
 from atlas_jax.models import quant
+from atlas_jax.models.matmul import dense
 from atlas_jax.models.projections import EINSUMS, INPUT_AXES
 
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
@@ -91,14 +92,14 @@ def project(cfg: ModelConfig, p: dict, name: str, x, dropout_keys_B=None):
     w, a = p[name], p.get(name + A_SUFFIX)
     lead, out = x.shape[:-n_in], w.shape[n_in:]
     x_MI = x.reshape(math.prod(lead), -1)
-    y = (x_MI @ w.reshape(x_MI.shape[1], -1)).reshape(*lead, *out)
+    y = dense(x_MI, w.reshape(x_MI.shape[1], -1)).reshape(*lead, *out)
     if a is None:
         return y
     if dropout_keys_B is not None and cfg.lora.dropout > 0:
         x_MI = dropout(x, fold_in(dropout_keys_B, PROJECTION_IDS[name]), cfg.lora.dropout).reshape(x_MI.shape)
-    x_MR = x_MI @ a.reshape(x_MI.shape[1], -1)
+    x_MR = dense(x_MI, a.reshape(x_MI.shape[1], -1))
     b = p[name + B_SUFFIX]
-    return y + scale(cfg) * (x_MR @ b.reshape(b.shape[0], -1)).reshape(*lead, *out)
+    return y + scale(cfg) * dense(x_MR, b.reshape(b.shape[0], -1)).reshape(*lead, *out)
 
 
 def split(model) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
