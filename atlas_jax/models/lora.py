@@ -80,11 +80,11 @@ def project(cfg: ModelConfig, p: dict, name: str, x, dropout_keys_B=None):
     """The projection `name` of one layer (its einsum in models/projections.py) on x, plus the
     adapter's low-rank term when `name` has one.
 
-    Computed as one 2-D matmul, [rows, inputs] @ [inputs, outputs], with the input's leading
-    axes (batch, length) and the weight's input and output axes each flattened (free
-    reshapes of contiguous axes). As a 3- or 4-D einsum, XLA:CPU copied a transpose of the
-    activations for the weight gradient of every projection (it contracts batch and length
-    as two axes); the 2-D form's gradient is a transposed-operand matmul with no copy.
+    Computed as one 2-D matmul (models/matmul.dense), [rows, inputs] @ [inputs, outputs],
+    with the input's leading axes (batch, length) and the weight's input and output axes each
+    flattened (free reshapes of contiguous axes): as a 3- or 4-D einsum, XLA:CPU copied a
+    transpose of the activations for every projection's weight gradient and still ran it
+    on its slow kernels; dense's gradient copies one transpose and runs on the fast ones.
     `dropout_keys_B` (one key per row of x, already folded with the layer) turns on the
     adapter's input dropout; each projection draws its own masks, as PEFT's per-module
     Dropout does."""
