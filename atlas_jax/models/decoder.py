@@ -295,7 +295,7 @@ class Decoder(nnx.Module):
         """x_BTD -> float32 logits_BTV (tied embeddings reuse the embedding table). A decode
         loop may pass `head_DV` (the table transposed once per call): XLA:CPU reads [D, V]
         faster than [V, D] for a few rows. A 2-D matmul over flattened (batch, length) rows,
-        as in lora.project: its gradients need no transposed copy of the activations."""
+        models/matmul.dense, as in lora.project."""
         x_MD = x_BTD.astype(self.dtype).reshape(-1, x_BTD.shape[-1])
         if head_DV is not None:
             transposed, head = False, head_DV

@@ -4,9 +4,10 @@ its weight gradient laid out for XLA:CPU's fast matmul kernels.
 XLA:CPU sends a dot to YNNPACK only when its left operand is row-major with the contracted
 axis last; autodiff's weight gradient, x^T dy, contracts x's first axis, so it ran on the
 slower generic (Eigen) kernels, on their own thread pool beside YNNPACK's. `dense` writes
-the backward pass out: the transpose of x is copied once (M x I values, small beside the
-M x I x O multiply-adds) and kept from being folded back into the dot, so every matmul
-of a training step is a YNNPACK one. Other platforms keep autodiff's.
+the backward pass out: the narrower of x and dy is transposed once (M x min(I, O) values,
+small beside the M x I x O multiply-adds) and kept from being folded back into the dot, so
+every matmul of a training step is a YNNPACK one. Remat policies see its forward as the
+matmul it is (dots_with_no_batch_dims_saveable keeps it). Other platforms keep autodiff's.
 """
 
 from __future__ import annotations
