@@ -32,6 +32,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from atlas_jax.models.matmul import copied_transpose
+
 SCORES_PER_BLOCK = 2**28  # score elements per query block (1 GiB in float32)
 
 
@@ -117,11 +119,9 @@ def _softmax_attention_bwd(scale, residuals, dout_BKQH):
 def _keys_gradient(a_BKQS, b_BKQH):
     """a^T b over the queries, [B, K, S, H] in float32, as (b^T a)^T: b^T (Q x H values, fewer than
     a's Q x S) copied once, so the product contracts its left operand's last axis, the form
-    XLA:CPU sends to its fast matmul kernels. The barriers keep both transposes copies: folded
-    into the dot, they make it the slow form again."""
-    b_BKHQ = jax.lax.optimization_barrier(jnp.swapaxes(b_BKQH, 2, 3))
-    out_BKHS = jnp.einsum("BKHQ,BKQS->BKHS", b_BKHQ, a_BKQS, preferred_element_type=jnp.float32)
-    return jnp.swapaxes(jax.lax.optimization_barrier(out_BKHS), 2, 3)
+    XLA:CPU sends to its fast matmul kernels (models/matmul.py)."""
+    out_BKHS = jnp.einsum("BKHQ,BKQS->BKHS", copied_transpose(b_BKQH), a_BKQS, preferred_element_type=jnp.float32)
+    return copied_transpose(out_BKHS)
 
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)

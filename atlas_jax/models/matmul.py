@@ -44,18 +44,23 @@ def _dense_bwd(transposed, out_dtype, residuals, dy_MO):
     w_IO = w.T if transposed else w
     dy_MO = dy_MO.astype(jnp.result_type(x_MI, w))
     dx_MI = (dy_MO @ w_IO.T).astype(x_MI.dtype)
-    # the weight gradient from whichever of x and dy is narrower, transposed once; the
-    # barriers keep the copied transposes, which folded into the dot are the slow form again
+    # the weight gradient from whichever of x and dy is narrower, transposed once
     I, O = w_IO.shape
     if I <= O:
-        dw = jax.lax.optimization_barrier(jnp.transpose(x_MI)) @ dy_MO  # [I, O]
+        dw = copied_transpose(x_MI) @ dy_MO  # [I, O]
         as_w = not transposed
     else:
-        dw = jax.lax.optimization_barrier(jnp.transpose(dy_MO)) @ x_MI  # [O, I]
+        dw = copied_transpose(dy_MO) @ x_MI  # [O, I]
         as_w = transposed
-    dw = jax.lax.optimization_barrier(dw)
-    dw = dw if as_w else dw.T
-    return dx_MI, dw.astype(w.dtype)
+    return dx_MI, (dw if as_w else copied_transpose(dw)).astype(w.dtype)
+
+
+def copied_transpose(a):
+    """a with its last two axes swapped, as a copy: barriers on both sides keep XLA from
+    folding the transpose into the dot that makes or reads it (either way that dot would be
+    the slow form again)."""
+    barrier = jax.lax.optimization_barrier
+    return barrier(jnp.swapaxes(barrier(a), -1, -2))
 
 
 _dense_cpu.defvjp(_dense_fwd, _dense_bwd)
