@@ -16,7 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from atlas_jax import config as config_lib
+from atlas_jax import config as config_lib, hostmem
 from atlas_jax.errors import one_line
 
 log = logging.getLogger("atlas_jax")
@@ -95,4 +95,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    hostmem.use_huge_pages()  # re-executes once with glibc's huge-page tunable (atlas_jax/hostmem.py)
     sys.exit(main())

@@ -297,7 +297,8 @@ def main():
     print(f"GRPO step: {args.prompts} prompts x G={args.G} = {args.prompts * args.G} completions, "
           f"prompt {args.prompt_len} tokens, {args.new} new tokens "
           f"({'no EOS' if args.lengths == 'fixed' else 'EOS with a logit bias'}), beta {BETA}, 1 CPU device; "
-          f"median of {args.steps} steps after the first; threads: {args.threads or 'library default'}", flush=True)
+          f"median of {args.steps} steps after the first; threads: {args.threads or 'library default'}; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (atlas_jax/hostmem.py)", flush=True)
     rows = []
     for preset in args.models:
         if "atlas_jax" in args.impls:
@@ -342,4 +343,7 @@ def histogram(lengths, budget: int) -> str:
 
 
 if __name__ == "__main__":
+    from atlas_jax import hostmem
+
+    hostmem.use_huge_pages()  # as main.py does: both sides run under it (one process; Tunix a child)
     main()

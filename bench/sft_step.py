@@ -154,7 +154,8 @@ def main() -> None:
     print(f"\nSFT step: {args.model} ({param_count(model_cfg) / 1e6:.1f}M params), batch {args.batch} x "
           f"{args.length}, {args.dtype}, {'scanned' if scan else 'unrolled'} layers, {n_dev} x {jax.devices()[0].device_kind}")
     print(f"measured matmul: {mm / 1e9:.1f} GFLOP/s per device; table peak: "
-          f"{'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown'}")
+          f"{'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown'}; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (atlas_jax/hostmem.py)")
     print(f"{'implementation':28s} {'s/step':>8s} {'tokens/s':>10s} {'vs torch':>9s} {'GFLOP/s':>9s} "
           f"{'of matmul':>10s} {'MFU':>6s}")
     torch_s = rows[1][1] if len(rows) > 1 else None
@@ -168,4 +169,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from atlas_jax import hostmem
+
+    hostmem.use_huge_pages()  # as main.py does: both sides run under it (one process)
     main()
