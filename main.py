@@ -44,6 +44,8 @@ def _main(raw: DictConfig) -> None:
 
 
 def _run(cfg: config_lib.TrainConfig) -> None:
+    if cfg.huge_pages:  # before jax: re-executes this process once with glibc's tunable set
+        hostmem.use_huge_pages(__file__)
     # jax is imported only now: `--cfg job` and config errors stay instant.
     from atlas_jax import memory, parallel, plan, recipes
 
@@ -95,5 +97,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    hostmem.use_huge_pages()  # re-executes once with glibc's huge-page tunable (atlas_jax/hostmem.py)
     sys.exit(main())

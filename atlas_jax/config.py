@@ -252,6 +252,10 @@ class TrainConfig:
     # quickstart again, evaluate after training) loads its programs instead of compiling
     # them; null turns it off. The JAX_COMPILATION_CACHE_DIR environment variable wins.
     compilation_cache_dir: Optional[str] = "~/.cache/atlas_jax/xla"
+    # Host memory in transparent huge pages for glibc's large blocks (atlas_jax/hostmem.py):
+    # main.py re-executes itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1. On by
+    # default for SFT (run/teacher_sft.yaml), where XLA:CPU's per-step temporaries are refaulted.
+    huge_pages: bool = False
     # +run=quickstart only: overrides added to each of its phases, e.g. a smoke run's
     # 'phase_overrides=["trainer.max_steps=3"]'
     phase_overrides: tuple[str, ...] = ()

@@ -5,11 +5,17 @@ frees them after it. glibc serves blocks that large with a fresh mmap and return
 munmap, so the kernel faults every 4 KiB page of that memory in again on every step (about
 340k faults a step there). glibc >= 2.35 can advise those mappings to use transparent huge
 pages (its tunable `glibc.malloc.hugetlb=1`; 2 MiB pages, 512x fewer faults and TLB entries),
-but it reads tunables only when a process starts. So the entry points (main.py, the benches)
-call `use_huge_pages()` first, which re-executes the process once with the tunable set.
+but it reads tunables only when a process starts, so `use_huge_pages()` re-executes the
+process once with the tunable set. main.py does so for a run whose `huge_pages` is true.
 
-A user who sets `glibc.malloc.hugetlb` in GLIBC_TUNABLES themselves (0 turns it off) keeps
-their value; systems without glibc >= 2.35, or whose kernel has THP off, are left alone.
+It is a per-run choice because it does not help every workload (2-core AMD EPYC VM,
+2026-12-08): the SFT step got 8-16% faster (bench/sft_step.py, qwen3_33m, 8 x 256 and
+4 x 512, interleaved pairs), so run/teacher_sft.yaml turns it on; the GRPO update got ~10%
+slower (bench/grpo_step.py --lengths varied, 5 interleaved pairs: 5.2-5.5 s vs 4.6-4.9 s,
+with twice the kernel time, most of it clearing huge pages: perf put clear_page at 12% of
+samples vs 1%), so RL runs keep glibc's default. A user's own `glibc.malloc.hugetlb` in
+GLIBC_TUNABLES (0 turns it off) is kept; systems without glibc >= 2.35, or whose kernel has
+THP off, are left alone.
 """
 
 from __future__ import annotations
@@ -44,20 +50,19 @@ def huge_pages_environment(environ: Mapping[str, str], libc: tuple[str, str], mo
     return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"}
 
 
-def started_as_script() -> bool:
-    """Whether this process's own command line ran the running script (`python [flags] SCRIPT
-    ...`), so re-executing it repeats this run; not so under a fork server, runpy, -m or -c."""
-    if not sys.argv or sys.argv[0] in ("", "-c"):
-        return False
-    script = os.path.abspath(sys.argv[0])
-    return any(os.path.abspath(a) == script for a in sys.orig_argv[1:])
+def started_as_script(script: str) -> bool:
+    """Whether this process's own command line ran `script` (`python [flags] SCRIPT ...`), so
+    re-executing it repeats this run; not so under a fork server, runpy, -m, -c or a test."""
+    path = os.path.abspath(script)
+    return any(os.path.abspath(arg) == path for arg in sys.orig_argv[1:])
 
 
-def use_huge_pages() -> None:
-    """Re-execute this process with glibc's huge-page tunable set, where it is not yet and can
-    take effect (Linux, glibc >= 2.35, THP not off). Call before any work: it does not return
-    when it re-executes; argv, flags and the rest of the environment are kept."""
-    if not sys.platform.startswith("linux") or not started_as_script():
+def use_huge_pages(script: str) -> None:
+    """Re-execute this process, started as `python SCRIPT ...`, with glibc's huge-page tunable
+    set, where it is not yet and can take effect (Linux, glibc >= 2.35, THP not off). Call
+    before any work: it does not return when it re-executes; argv, interpreter flags and the
+    rest of the environment are kept."""
+    if not sys.platform.startswith("linux") or not started_as_script(script):
         return
     env = huge_pages_environment(os.environ, platform.libc_ver(), thp_mode())
     if env is None:

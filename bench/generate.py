@@ -237,7 +237,4 @@ def main():
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from atlas_jax import hostmem
-
-    hostmem.use_huge_pages()  # as main.py does: every side runs under it (one process; Tunix a child)
     main()

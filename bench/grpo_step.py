@@ -343,7 +343,4 @@ def histogram(lengths, budget: int) -> str:
 
 
 if __name__ == "__main__":
-    from atlas_jax import hostmem
-
-    hostmem.use_huge_pages()  # as main.py does: both sides run under it (one process; Tunix a child)
     main()

@@ -35,6 +35,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--peak-flops", type=float, default=None, help="per-device peak, overrides the table")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--huge-pages", choices=("true", "false"), default="true",
+                   help="glibc's huge pages for large blocks, as +run=teacher_sft sets (huge_pages; "
+                        "atlas_jax/hostmem.py); both sides run under it (one process)")
     return p.parse_args()
 
 
@@ -132,6 +135,10 @@ def matmul_flops_per_s(dtype: str, n: int = 2048, repeats: int = 5, trials: int 
 
 def main() -> None:
     args = parse()
+    if args.huge_pages == "true":  # before jax: re-executes this process once with glibc's tunable
+        from atlas_jax import hostmem
+
+        hostmem.use_huge_pages(__file__)
     import jax
 
     from omegaconf import OmegaConf
@@ -177,7 +184,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from atlas_jax import hostmem
-
-    hostmem.use_huge_pages()  # as main.py does: both sides run under it (one process)
     main()

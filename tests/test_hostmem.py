@@ -43,7 +43,7 @@ PROBE = textwrap.dedent("""
     import ctypes, json, os, sys
     sys.path.insert(0, {root!r})
     from atlas_jax import hostmem
-    hostmem.use_huge_pages()
+    hostmem.use_huge_pages(__file__)
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     size = 64 << 20  # far above glibc's mmap threshold: a fresh mapping, as XLA's temporaries get
@@ -86,9 +86,38 @@ def test_the_users_own_setting_is_kept(tmp_path):
         assert out["huge_kib"] == 0
 
 
-def test_not_reexecuted_where_the_command_line_is_not_the_script(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["main.py", "+run=quickstart"])
+def test_reexecuted_only_where_the_command_line_ran_the_script(monkeypatch):
+    main = str(cli.ROOT / "main.py")
+    monkeypatch.chdir(cli.ROOT)
     monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "tests.forkserver", "/tmp/socket"])
-    assert not hostmem.started_as_script()
-    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-X", "importtime", "main.py", "+run=quickstart"])
-    assert hostmem.started_as_script()
+    assert not hostmem.started_as_script(main)  # the suite's fork server runs main.py by runpy
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "pytest", "tests/test_memory_plan.py"])
+    assert not hostmem.started_as_script(main)  # a test calling main._run
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-X", "importtime", "main.py", "+run=teacher_sft"])
+    assert hostmem.started_as_script(main)
+
+
+def test_main_reexecutes_before_jax_only_for_a_run_with_huge_pages(monkeypatch):
+    import main
+    from atlas_jax.config import compose
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def use(script):
+        calls.append(script)
+
+    def stop(cfg):
+        raise Stop
+
+    monkeypatch.setattr(main.hostmem, "use_huge_pages", use)
+    monkeypatch.setattr(main, "_use_compilation_cache", stop)  # the first step after the re-exec
+    for overrides, expected in ((["+run=teacher_sft", "model=tiny"], [main.__file__]),
+                                (["+run=teacher_sft", "model=tiny", "huge_pages=false"], []),
+                                (["+run=teacher_rcl", "model=tiny"], [])):
+        calls.clear()
+        with pytest.raises(Stop):
+            main._run(compose(overrides))
+        assert calls == expected, overrides
