@@ -9,7 +9,7 @@ but it reads tunables only when a process starts, so `use_huge_pages()` re-execu
 process once with the tunable set. main.py does so for a run whose `huge_pages` is true.
 
 It is a per-run choice because it does not help every workload (2-core AMD EPYC VM,
-2026-12-08): the SFT step got 8-16% faster (bench/sft_step.py, qwen3_33m, 8 x 256 and
+2026-12-08): the SFT step got 7-16% faster (bench/sft_step.py, qwen3_33m, 8 x 256 and
 4 x 512, interleaved pairs), so run/teacher_sft.yaml turns it on; the GRPO update got ~10%
 slower (bench/grpo_step.py --lengths varied, 5 interleaved pairs: 5.2-5.5 s vs 4.6-4.9 s,
 with twice the kernel time, most of it clearing huge pages: perf put clear_page at 12% of
