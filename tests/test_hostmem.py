@@ -1,5 +1,6 @@
-"""atlas_jax/hostmem.py: when the entry points re-execute with glibc's huge-page tunable, and
-that the re-executed process keeps its argv and environment and gets huge pages for malloc."""
+"""atlas_jax/hostmem.py: when a script (main.py for a run with huge_pages) re-executes with
+glibc's huge-page tunable, and that the re-executed process keeps its argv and environment
+and gets huge pages for malloc."""
 
 import json
 import platform
@@ -65,7 +66,7 @@ def _probe(tmp_path, extra_env):
 
 
 def _can_take_effect() -> bool:
-    return (sys.platform.startswith("linux") and hostmem.thp_mode() in ("always", "madvise")
+    return (sys.platform.startswith("linux")
             and hostmem.huge_pages_environment({}, platform.libc_ver(), hostmem.thp_mode()) is not None)
 
 
